@@ -642,7 +642,9 @@ class DeepseekV2Model(DeepseekV2PreTrainedModel):
             config=self.config,
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
-            past_key_values=past_key_values,
+            # an empty cache adds nothing to the mask, and transformers only detects packed rows (position_ids
+            # restarting at 0, no attention_mask) when no cache is passed
+            past_key_values=past_key_values if past_seen > 0 else None,
             position_ids=position_ids,
         )
         token_mask = None  # which tokens count for the balance losses (padding does not)

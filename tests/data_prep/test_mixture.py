@@ -1,0 +1,149 @@
+"""The mixture builder: counts, determinism, held-out disjointness, verifiable answers, file sources."""
+
+import json
+import random
+import re
+
+import pytest
+
+from data_prep.dedup import normalize
+from data_prep.mixture import Builder, SpecError, check_overlap, load_spec
+from data_prep.generators import generator
+from data_prep.generators.safety import is_refusal
+from rewards.math import score
+from rewards.sandbox import run_many
+
+SPEC = """
+name: mini
+seed: {seed}
+sft:
+  total: 400
+  sources:
+    - {{name: math, generator: math, domain: math, weight: 0.5}}
+    - {{name: code, generator: code, domain: code, weight: 0.1}}
+    - {{name: reasoning, generator: reasoning, domain: reasoning, weight: 0.1}}
+    - {{name: writing, generator: writing, domain: writing, weight: 0.05}}
+    - {{name: general, generator: general, domain: general, weight: 0.05}}
+    - {{name: safety, generator: safety, domain: safety, weight: 0.2}}
+{extra}
+preferences:
+  reasoning: {{count: 60, generators: [math, code, reasoning]}}
+  safety: {{count: 40, generators: [safety]}}
+rl:
+  math: {{count: 100, generator: math}}
+  code: {{count: 20, generator: code}}
+heldout:
+  math: 300
+  code: 30
+  safety: 60
+tokenizer: {{train: false}}
+"""
+
+
+def _build(tmp_path, seed=0, extra="", save=False):
+    path = tmp_path / f"mix{seed}.yaml"
+    path.write_text(SPEC.format(seed=seed, extra=extra))
+    return Builder(load_spec(path), tmp_path / f"out{seed}").build(save=save)
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    return _build(tmp_path_factory.mktemp("mix"), save=True)
+
+
+def test_counts_follow_the_spec(built):
+    report = built["report"]
+    assert len(built["sft"]) == 400
+    assert report["sft_domains"] == {"math": 200, "code": 40, "reasoning": 40, "writing": 20, "general": 20,
+                                     "safety": 80}
+    assert report["counts"]["preferences/reasoning"] == 60 and report["counts"]["heldout/safety"] == 60
+    safety = built["heldout"]["safety"]
+    assert sorted(safety["answer"]).count("refuse") == 30  # held-out safety is half harmful, half look-alikes
+
+
+def test_saved_build_has_data_and_report(built, tmp_path_factory):
+    # built with save=True under its own tmp folder
+    out = next(p for p in tmp_path_factory.getbasetemp().rglob("report.json"))
+    report = json.loads(out.read_text())
+    assert report["overlap_with_heldout"] == 0
+    assert (out.parent / "sft" / "dataset_info.json").exists() and (out.parent / "report.md").exists()
+
+
+def test_heldout_prompts_never_appear_in_training(built):
+    training = [built["sft"], *built["preferences"].values(), *built["rl"].values()]
+    assert check_overlap(built["heldout"], training) == 0
+    held = {normalize(p[-1]["content"]) for p in built["heldout"]["math"]["prompt"]}
+    assert built["report"]["rejected_heldout_overlap"].get("sft/math", 0) > 0  # collisions happened and were redrawn
+    assert not held & {normalize(m[0]["content"]) for m in built["sft"]["messages"]}
+
+
+def test_same_seed_same_data_other_seed_other_data(tmp_path, built):
+    assert _build(tmp_path)["sft"]["messages"] == built["sft"]["messages"]
+    assert _build(tmp_path, seed=1)["sft"]["messages"] != built["sft"]["messages"]
+
+
+def test_math_answers_verify_and_rejected_ones_do_not(built):
+    sft_math = [m for m, d in zip(built["sft"]["messages"], built["sft"]["domain"]) if d == "math"]
+    rl = built["rl"]["math"]
+    for prompt, answer in zip(rl["prompt"], rl["answer"]):
+        assert answer.lstrip("-").isdigit(), prompt
+    pairs = [r for r in built["preferences"]["reasoning"] if r["domain"] == "math"]
+    assert pairs
+    for row in pairs:
+        gold = row["chosen"][0]["content"].rsplit("The answer is ", 1)[1].rstrip(".")
+        assert score(row["chosen"][0]["content"], gold) == 1.0
+        assert score(row["rejected"][0]["content"], gold) == 0.0
+    assert all(m[-1]["content"].endswith(".") and "The answer is" in m[-1]["content"] for m in sft_math)
+
+
+def test_code_references_pass_their_tests_and_near_misses_fail():
+    from rewards.code import extract_code
+
+    rng = random.Random(0)
+    examples = [generator("code")(rng) for _ in range(12)]
+    jobs = [(extract_code(text), e.tests) for e in examples for text in (e.response, e.rejected)]
+    results = run_many(jobs)
+    for e, good, bad in zip(examples, results[::2], results[1::2]):
+        assert good.passed == good.total == len(e.tests), e.prompt
+        assert bad.passed < bad.total, e.rejected
+
+
+def test_safety_replies_refuse_exactly_the_harmful_requests():
+    rng = random.Random(0)
+    for e in (generator("safety")(rng) for _ in range(300)):
+        assert is_refusal(e.response) == e.harmful, e.prompt
+        assert is_refusal(e.rejected) != e.harmful
+
+
+def test_safety_preference_pairs_prefer_the_right_behaviour(built):
+    for row in built["preferences"]["safety"]:
+        assert is_refusal(row["chosen"][0]["content"]) != is_refusal(row["rejected"][0]["content"])
+
+
+def test_file_sources_are_deduplicated_and_decontaminated(tmp_path, built):
+    held = built["heldout"]["math"]["prompt"][0][-1]["content"]
+    rows = [{"messages": [{"role": "user", "content": "Tell me about rivers and the sea please"},
+                          {"role": "assistant", "content": "Rivers flow into the sea."}]}] * 3
+    rows.append({"messages": [{"role": "user", "content": held}, {"role": "assistant", "content": "42"}]})
+    rows.append({"messages": [{"role": "user", "content": "A unique question about mountains?"},
+                              {"role": "assistant", "content": "They are tall."}]})
+    path = tmp_path / "user.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    extra = f"    - {{name: mine, path: {path}, domain: general, count: 5}}"
+    report = _build(tmp_path, extra=extra)["report"]
+    assert report["sft_sources"]["mine"]["realised"] == 2
+    assert report["file_sources"]["mine"]["dropped"] == {"exact duplicate": 2, "eval overlap (decontaminated)": 1}
+
+
+@pytest.mark.parametrize("body,field", [
+    ("bogus: 1", "bogus"),
+    ("sft: {total: 10, sources: [{name: a, generator: poetry, domain: x, count: 1}]}", "generator"),
+    ("sft: {total: 10, sources: [{name: a, generator: math, domain: x, count: 1, weight: 0.5}]}", "sft.sources[0]"),
+    ("sft: {sources: [{name: a, generator: math, domain: x, weight: 0.5}]}", "sft.sources[0]"),
+    ("preferences: {style: {count: 1, generators: [math]}}", "preferences.style"),
+])
+def test_spec_errors_name_the_file_and_field(tmp_path, body, field):
+    path = tmp_path / "bad.yaml"
+    path.write_text(body + "\n")
+    with pytest.raises(SpecError, match=rf"bad\.yaml: .*{re.escape(field)}"):
+        load_spec(path)
