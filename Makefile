@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed-$(shell sha1sum pyproject.toml | cut -c1-12)
 export TOKENIZERS_PARALLELISM ?= false
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: setup test test-fast bench clean
+.PHONY: setup test test-fast bench data clean
 
 setup: $(STAMP)
 
@@ -26,6 +26,11 @@ test: setup
 
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow" tests
+
+# The default data mixture (generated, ≈20 s): SFT conversations, preference pairs, RL prompts, held-out sets,
+# and a tokenizer, under runs/data/tiny. Prints the per-domain table.
+data: setup
+	$(PY) -m data_prep build recipes/data/tiny.yaml
 
 bench: setup
 	$(PY) -m benchmarks.modeling_speed
