@@ -68,6 +68,7 @@ class MixtureSpec:
     sources: list[Source] = field(default_factory=list)
     preferences: dict = field(default_factory=dict)  # rm name -> {count, generators}
     rl: dict = field(default_factory=dict)  # set name -> {count, generator}
+    process: dict = field(default_factory=dict)  # {count}: step-labelled math solutions for the process RM
     heldout: dict = field(default_factory=dict)  # domain -> count
     decontaminate_against: list[str] = field(default_factory=list)
     tokenizer: dict = field(default_factory=lambda: {"train": True, "vocab_size": 2048})
@@ -76,7 +77,8 @@ class MixtureSpec:
 def load_spec(path: str | Path) -> MixtureSpec:
     path = Path(path)
     raw = yaml.safe_load(path.read_text()) or {}
-    known = {"name", "seed", "output_dir", "sft", "preferences", "rl", "heldout", "decontaminate", "tokenizer"}
+    known = {"name", "seed", "output_dir", "sft", "preferences", "process", "rl", "heldout", "decontaminate",
+             "tokenizer"}
     for key in raw:
         if key not in known:
             raise SpecError(path, key, f"unknown key; expected one of {sorted(known)}")
@@ -84,6 +86,7 @@ def load_spec(path: str | Path) -> MixtureSpec:
     spec = MixtureSpec(name=raw.get("name", path.stem), path=path, seed=int(raw.get("seed", 0)),
                        output_dir=raw.get("output_dir", f"runs/data/{path.stem}"), sft_total=sft.get("total"),
                        preferences=raw.get("preferences") or {}, rl=raw.get("rl") or {},
+                       process=raw.get("process") or {},
                        heldout=raw.get("heldout") or {},
                        decontaminate_against=(raw.get("decontaminate") or {}).get("against", []),
                        tokenizer=raw.get("tokenizer") or {"train": True, "vocab_size": 2048})
@@ -267,6 +270,23 @@ class Builder:
             sets[rm] = _columns(rows, "preferences")
         return sets
 
+    def process(self) -> Dataset | None:
+        """Math solutions split into steps with a label per step: half right, half with one slip (§4.2's
+        process supervision; every intermediate result of a generated solution can be checked)."""
+        if not self.spec.process:
+            return None
+        rng = _rng(self.spec.seed, "process")
+        drawn = self._draw(["math"], self.spec.process["count"], rng, "process")
+        rows = []
+        for i, e in enumerate(drawn):
+            right = i % 2 == 0
+            steps = e.response.split(". ") if right else e.steps
+            steps = [s if s.endswith(".") else s + "." for s in steps]
+            labels = [True] * len(steps) if right else e.step_labels
+            rows.append({"prompt": [{"role": "user", "content": e.prompt}], "completions": steps, "labels": labels,
+                         "domain": "math", "source": "generated", "id": f"process/{i}"})
+        return _columns(rows, "steps")
+
     def rl(self) -> dict[str, Dataset]:
         sets = {}
         for name, entry in self.spec.rl.items():
@@ -282,12 +302,15 @@ class Builder:
         heldout = self.heldout()
         sft = self.sft()
         preferences = self.preferences()
+        process = self.process()
         rl = self.rl()
         self.report["generate_seconds"] = round(time.perf_counter() - start, 1)
-        self.report["overlap_with_heldout"] = check_overlap(heldout, [sft, *preferences.values(), *rl.values()])
+        training = [sft, *preferences.values(), *rl.values(), *([process] if process is not None else [])]
+        self.report["overlap_with_heldout"] = check_overlap(heldout, training)
         self.report["counts"] = {
             "sft": len(sft), **{f"preferences/{k}": len(v) for k, v in preferences.items()},
-            **{f"rl/{k}": len(v) for k, v in rl.items()}, **{f"heldout/{k}": len(v) for k, v in heldout.items()}}
+            **{f"rl/{k}": len(v) for k, v in rl.items()}, **{f"heldout/{k}": len(v) for k, v in heldout.items()},
+            **({"process": len(process)} if process is not None else {})}
         tokenizer = self._tokenizer(sft, save)
         if tokenizer is not None:
             sample = sft.shuffle(seed=self.spec.seed).select(range(min(len(sft), TOKEN_STATS_SAMPLE)))
@@ -299,6 +322,8 @@ class Builder:
         if save:
             self.out.mkdir(parents=True, exist_ok=True)
             sft.save_to_disk(str(self.out / "sft"))
+            if process is not None:
+                process.save_to_disk(str(self.out / "process"))
             for group, sets in (("preferences", preferences), ("rl", rl), ("heldout", heldout)):
                 for name, data in sets.items():
                     data.save_to_disk(str(self.out / group / name))
@@ -308,7 +333,8 @@ class Builder:
             (self.out / "mixture.yaml").write_text(self.spec.path.read_text())
         else:
             self.report["total_seconds"] = round(time.perf_counter() - start, 1)
-        return {"sft": sft, "preferences": preferences, "rl": rl, "heldout": heldout, "report": self.report}
+        return {"sft": sft, "preferences": preferences, "process": process, "rl": rl, "heldout": heldout,
+                "report": self.report}
 
     def _tokenizer(self, sft: Dataset, save: bool):
         spec = self.spec.tokenizer

@@ -11,6 +11,7 @@ Formats (detected from the first record's keys unless ``format=`` says):
   humaneval           ``prompt``, ``test``, ``entry_point``
   mbpp                ``text``, ``test_list``
   rl                  ``prompt`` plus ``answer`` and/or ``tests`` (this project's own RL prompt files)
+  stepwise            ``prompt``, ``completions`` (steps), ``labels`` (TRL's stepwise supervision, for PRMs)
 """
 
 from __future__ import annotations
@@ -119,6 +120,8 @@ def detect_format(record: dict) -> str:
     keys = set(record)
     if "messages" in keys:
         return "messages"
+    if {"prompt", "completions", "labels"} <= keys:
+        return "stepwise"
     if "conversations" in keys:
         return "sharegpt"
     if {"instruction", "output"} <= keys:
@@ -234,6 +237,14 @@ def _convert(fmt: str, kind: str, record: dict, where: str) -> dict:
         setup = record.get("test_setup_code") or ""
         return {"prompt": [{"role": "user", "content": MBPP_ASK.format(text=need("text"), test=tests[0])}],
                 "tests": [f"{setup}\n{t}" if setup else t for t in tests]}
+    if fmt == "stepwise":
+        steps, labels = need("completions"), need("labels")
+        if not isinstance(steps, list) or not isinstance(labels, list) or len(steps) != len(labels) or not steps:
+            raise DataError(where, "labels", "completions and labels must be non-empty lists of equal length")
+        if not all(isinstance(x, str) and x.strip() for x in steps):
+            raise DataError(where, "completions", "every step must be a non-empty string")
+        return {"prompt": _turns(need("prompt"), where, "prompt", "user"), "completions": steps,
+                "labels": [bool(x) for x in labels]}
     if fmt == "rl":
         answer = record.get("answer")
         return {"prompt": _turns(need("prompt"), where, "prompt", "user"),
@@ -274,8 +285,9 @@ def _convert(fmt: str, kind: str, record: dict, where: str) -> dict:
 
 
 FORMATS = ("messages", "sharegpt", "alpaca", "prompt_completion", "preference", "hh", "gsm8k", "humaneval", "mbpp",
-           "rl")
+           "rl", "stepwise")
 KIND_FORMATS = {
+    "steps": {"stepwise"},
     "conversations": {"messages", "sharegpt", "alpaca", "prompt_completion", "hh", "gsm8k"},
     "preferences": {"preference", "hh"},
     "rl_prompts": {"messages", "sharegpt", "alpaca", "prompt_completion", "gsm8k", "humaneval", "mbpp", "rl"},
@@ -298,12 +310,10 @@ def _validate(kind: str, row: dict, where: str) -> None:
         for field in ("chosen", "rejected"):
             if not row[field] or row[field][0]["role"] != "assistant":
                 raise DataError(where, field, "no assistant reply after the shared prompt")
-    else:
+    else:  # rl_prompts and steps: a prompt ending with a user turn (stage-2 RL prompts need no answer)
         _check_turns(row["prompt"], where, "prompt")
         if not row["prompt"] or row["prompt"][-1]["role"] != "user":
             raise DataError(where, "prompt", "must end with a user turn")
-        if not row["answer"] and not row["tests"]:
-            raise DataError(where, "answer", "an RL prompt needs an answer or tests to verify against")
 
 
 def load(path_or_id: str | Path, kind: str = "conversations", format: str = "auto", on_error: str = "raise", *,

@@ -25,6 +25,8 @@ class Example:
     entry_point: str = ""
     difficulty: int = 0
     harmful: bool | None = None  # safety only: True for harmful requests, False for benign look-alikes
+    steps: list[str] = field(default_factory=list)  # math only: ``rejected`` split into steps ...
+    step_labels: list[bool] = field(default_factory=list)  # ... and whether each step is right (process labels)
     system: str = ""
 
 

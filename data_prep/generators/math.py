@@ -34,14 +34,17 @@ def run_program(program, slip_at: int | None = None, slip: int = 0) -> tuple[lis
 
 
 def _example(rng: random.Random, text: str, program, level: int, lead: str = "") -> Example:
-    def solution(lines, answer):
-        return " ".join(([lead] if lead else []) + lines + [f"The answer is {answer}."])
+    def steps(lines, answer):
+        return ([lead] if lead else []) + lines + [f"The answer is {answer}."]
 
     lines, answer = run_program(program)
     slip = pick(rng, [-1, 1]) * rng.randint(1, 10)
     wrong_lines, wrong = run_program(program, slip_at=rng.randrange(len(program)), slip=slip)
-    return Example("math", text, solution(lines, answer), rejected=solution(wrong_lines, wrong), answer=str(answer),
-                   difficulty=level)
+    right, mistaken = steps(lines, answer), steps(wrong_lines, wrong)
+    # a step is right when it states the value the correct solution has at that step
+    labels = [a == b for a, b in zip(mistaken, right)]
+    return Example("math", text, " ".join(right), rejected=" ".join(mistaken), answer=str(answer), difficulty=level,
+                   steps=mistaken, step_labels=labels)
 
 
 def _arithmetic(rng: random.Random, level: int) -> Example:

@@ -29,6 +29,7 @@ sft:
 preferences:
   reasoning: {{count: 60, generators: [math, code, reasoning]}}
   safety: {{count: 40, generators: [safety]}}
+process: {{count: 40}}
 rl:
   math: {{count: 100, generator: math}}
   code: {{count: 20, generator: code}}
@@ -94,6 +95,20 @@ def test_math_answers_verify_and_rejected_ones_do_not(built):
         assert score(row["chosen"][0]["content"], gold) == 1.0
         assert score(row["rejected"][0]["content"], gold) == 0.0
     assert all(m[-1]["content"].endswith(".") and "The answer is" in m[-1]["content"] for m in sft_math)
+
+
+def test_process_labels_mark_the_first_slip_and_what_follows(built):
+    process = built["process"]
+    assert len(process) == 40
+    for row in process:
+        labels = row["labels"]
+        assert len(labels) == len(row["completions"]) and row["completions"][-1].startswith("The answer is")
+        if all(labels):
+            continue
+        first_wrong = labels.index(False)
+        assert not any(labels[first_wrong:]) or first_wrong < len(labels) - 1  # the final answer is wrong too
+        assert labels[-1] is False
+    assert 10 < sum(all(r) for r in process["labels"]) < 30  # about half are fully right
 
 
 def test_code_references_pass_their_tests_and_near_misses_fail():

@@ -72,6 +72,17 @@ def test_conversation_formats(tmp_path, fmt, record):
     assert row["id"] == f"{path}:1"
 
 
+def test_stepwise_format_for_process_reward_models(tmp_path):
+    path = tmp_path / "steps.jsonl"
+    rows = [{"prompt": "What is 2 + 3 * 4?", "completions": ["3 * 4 = 12.", "2 + 12 = 15."], "labels": [True, False]},
+            {"prompt": "x", "completions": ["a."], "labels": [True, False]}]
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    report = SkipReport()
+    data = load(path, kind="steps", on_error="skip", report=report)
+    assert data[0]["labels"] == [True, False] and data[0]["prompt"][0]["role"] == "user"
+    assert report.skipped == {"labels: completions and labels must be non-empty lists of equal length": 1}
+
+
 def test_preference_and_rl_formats(tmp_path):
     pref = tmp_path / "pref.json"
     pref.write_text(json.dumps([{"prompt": USER, "chosen": REPLY, "rejected": "5", "domain": "math"}]))
