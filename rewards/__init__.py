@@ -1,5 +1,6 @@
 """Reward functions for GRPO, by family: math (rewards.math), code (rewards.code, run in rewards.sandbox),
-format and rule rewards (rewards.format). Each follows TRL's contract,
+format and rule rewards (rewards.format), safety (rewards.safety), trained reward models (rewards.model), and
+their weighted combination (rewards.combine). Each follows TRL's contract,
 `reward(completions, **dataset_columns) -> list[float | None]` (None: this reward does not apply to that row).
 
     from rewards import get, available
@@ -20,6 +21,9 @@ _REGISTRY = {
     "language_consistency": "rewards.format:LanguageConsistency",
     "repetition_penalty": "rewards.format:RepetitionPenalty",
     "length_penalty": "rewards.format:LengthPenalty",
+    "refusal_correct": "rewards.safety:refusal_correct",
+    "reward_model": "rewards.model:RewardModelScorer",
+    "process_reward_model": "rewards.model:ProcessRewardScorer",
 }
 
 
