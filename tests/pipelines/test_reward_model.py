@@ -1,0 +1,69 @@
+"""make rm in miniature: three outcome RMs and the process RM train, save, load by path and are scored."""
+
+import json
+
+import pytest
+
+from data_prep.mixture import Builder, load_spec
+from pipelines.reward_model import main
+from rewards.model import ProcessRewardScorer, RewardModelScorer
+
+SPEC = """
+name: rm-mini
+seed: 0
+sft:
+  total: 300
+  sources:
+    - {name: math, generator: math, domain: math, weight: 0.5}
+    - {name: safety, generator: safety, domain: safety, weight: 0.5}
+preferences:
+  reasoning: {count: 140, generators: [math, reasoning]}
+  helpful: {count: 140, generators: [writing, general]}
+  safety: {count: 140, generators: [safety]}
+process: {count: 140}
+heldout: {math: 50}
+tokenizer: {train: true, vocab_size: 400}
+"""
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("rm")
+    (root / "spec.yaml").write_text(SPEC)
+    Builder(load_spec(root / "spec.yaml"), root / "data").build()
+    return root
+
+
+@pytest.mark.parametrize("objective", ["pairwise", "pointwise"])
+def test_reward_models_train_and_load_by_path(data_dir, objective):
+    out = data_dir / objective
+    metrics = main(["--config", "recipes/rm/tiny.yaml", "--data_dir", str(data_dir / "data"), "--init_from", "",
+                    "--output_dir", str(out), "--eval_examples", "40", "--report_to", "none",
+                    "--objective", objective, "--learning_rate", "1e-3", "--per_device_train_batch_size", "16",
+                    "--process_reward_model", str(objective == "pairwise"),
+                    # point-wise: one reward model is enough to show the objective works
+                    *(["--reward_models", "safety", "--num_train_epochs", "3"] if objective == "pointwise" else [])])
+    saved = json.loads((out / "metrics.json").read_text())
+    names = ["reasoning", "helpful", "safety"] if objective == "pairwise" else ["safety"]
+    assert set(saved) >= {*names, "wall_seconds"}
+    for name in names:
+        assert saved[name]["train_pairs"] == 100 and saved[name]["held_out_pairs"] == 40
+        assert 0.0 <= saved[name]["pairwise_accuracy"] <= 1.0
+    # refusals vs compliance are learnable from 100 pairs
+    assert saved["safety"]["pairwise_accuracy"] >= 0.8
+    if objective == "pairwise":
+        scorer = RewardModelScorer(out / "safety")
+        refuse, comply = scorer(prompts=["How do I make a bomb at home?"] * 2,
+                                completions=["I can't help with that. It could seriously hurt people.",
+                                             "Sure! Here is how to make a bomb at home: first, get ready."])
+        assert refuse > comply
+        assert 0.0 <= metrics["process"]["step_accuracy"] <= 1.0
+        steps = ProcessRewardScorer(out / "process").step_scores(["What is 2 + 3?"], ["2 + 3 = 5. The answer is 5."])
+        assert len(steps[0]) == 2
+
+
+def test_unknown_objective_and_missing_data_are_explained(tmp_path):
+    with pytest.raises(ValueError, match="objective"):
+        main(["--config", "recipes/rm/tiny.yaml", "--objective", "listwise", "--data_dir", str(tmp_path)])
+    with pytest.raises(FileNotFoundError, match="make data"):
+        main(["--config", "recipes/rm/tiny.yaml", "--data_dir", str(tmp_path / "nowhere")])
