@@ -17,6 +17,9 @@ REGISTERED = [
     ("language_consistency", {"scripts": ("LATIN",)}),
     ("repetition_penalty", {"ngram_size": 4}),
     ("length_penalty", {"max_length": 100, "cache_length": 10}),
+    ("refusal_correct", {}),
+    ("reward_model", {"path": "runs/rm/tiny/safety"}),  # scorers load their checkpoint on first call
+    ("process_reward_model", {"path": "runs/rm/tiny/process", "aggregate": "mean"}),
 ]
 
 
