@@ -72,13 +72,14 @@ class MixtureSpec:
     heldout: dict = field(default_factory=dict)  # domain -> count
     decontaminate_against: list[str] = field(default_factory=list)
     tokenizer: dict = field(default_factory=lambda: {"train": True, "vocab_size": 2048})
+    generators: dict = field(default_factory=dict)  # domain -> parameters of its generator, for every set
 
 
 def load_spec(path: str | Path) -> MixtureSpec:
     path = Path(path)
     raw = yaml.safe_load(path.read_text()) or {}
     known = {"name", "seed", "output_dir", "sft", "preferences", "process", "rl", "heldout", "decontaminate",
-             "tokenizer"}
+             "tokenizer", "generators"}
     for key in raw:
         if key not in known:
             raise SpecError(path, key, f"unknown key; expected one of {sorted(known)}")
@@ -89,7 +90,13 @@ def load_spec(path: str | Path) -> MixtureSpec:
                        process=raw.get("process") or {},
                        heldout=raw.get("heldout") or {},
                        decontaminate_against=(raw.get("decontaminate") or {}).get("against", []),
-                       tokenizer=raw.get("tokenizer") or {"train": True, "vocab_size": 2048})
+                       tokenizer=raw.get("tokenizer") or {"train": True, "vocab_size": 2048},
+                       generators=raw.get("generators") or {})
+    for domain, params in spec.generators.items():
+        try:
+            generator(domain, **(params or {}))(random.Random(0))
+        except (ValueError, TypeError) as e:
+            raise SpecError(path, f"generators.{domain}", str(e)) from e
     for i, entry in enumerate(sft.get("sources") or []):
         where = f"sft.sources[{i}]"
         try:
@@ -151,7 +158,7 @@ class Builder:
     # -- generated rows -------------------------------------------------------------------------------------
     def _draw(self, names: list[str], count: int, rng: random.Random, label: str, accept=None, unique=True):
         """``count`` generated examples, none with a held-out prompt, and (``unique``) no repeated prompt + reply."""
-        samplers = [generator(n) for n in names]
+        samplers = [generator(n, **(self.spec.generators.get(n) or {})) for n in names]
         seen, out, draws, last_new, duplicates = set(), [], 0, 0, 0
         while len(out) < count and draws < MAX_DRAWS_PER_ROW * count and draws - last_new < STALL_DRAWS:
             draws += 1
@@ -179,7 +186,7 @@ class Builder:
         sets = {}
         for domain, count in self.spec.heldout.items():
             rng = _rng(self.spec.seed, "heldout", domain)
-            sample = generator(domain)
+            sample = generator(domain, **(self.spec.generators.get(domain) or {}))
             rows, seen, draws = [], set(), 0
             want = {True: count // 2, False: count - count // 2} if domain == "safety" else None
             while len(rows) < count:
@@ -291,7 +298,8 @@ class Builder:
         sets = {}
         for name, entry in self.spec.rl.items():
             rng = _rng(self.spec.seed, "rl", name)
-            drawn = self._draw([entry["generator"]], entry["count"], rng, f"rl/{name}")
+            drawn = self._draw([entry["generator"]], entry["count"], rng, f"rl/{name}",
+                               unique=entry.get("dedup", True))
             sets[name] = _columns([_rl_row(e, "generated", f"{name}/{i}") for i, e in enumerate(drawn)],
                                   "rl_prompts")
         return sets

@@ -78,11 +78,15 @@ def pack(lengths: list[int], max_len: int) -> list[list[int]]:
 
 def fingerprint(dataset: Dataset, tokenizer, **settings) -> str:
     h = hashlib.sha256()
-    for column in dataset.data.table.columns:
-        for chunk in column.chunks:
-            for buffer in chunk.buffers():
-                if buffer is not None:
-                    h.update(memoryview(buffer))
+    tables = [dataset.data.table]
+    if dataset._indices is not None:  # select / filter / shuffle keep the whole table and add an indices mapping
+        tables.append(dataset._indices.table)
+    for table in tables:
+        for column in table.columns:
+            for chunk in column.chunks:
+                for buffer in chunk.buffers():
+                    if buffer is not None:
+                        h.update(memoryview(buffer))
     h.update(tokenizer.backend_tokenizer.to_str().encode())
     h.update(repr(sorted(settings.items())).encode())
     return h.hexdigest()[:16]

@@ -30,15 +30,25 @@ class Example:
     system: str = ""
 
 
-def generator(domain: str):
-    """The ``sample(rng) -> Example`` function of a domain."""
+def generator(domain: str, **params):
+    """The ``sample(rng) -> Example`` function of a domain; ``params`` (a data recipe's ``generators.<domain>``) are
+    passed to it on every call."""
+    import functools
+    import inspect
+
     from . import code, general, math, reasoning, safety, writing
 
     table = {"math": math.sample, "code": code.sample, "reasoning": reasoning.sample, "writing": writing.sample,
              "general": general.sample, "safety": safety.sample}
     if domain not in table:
         raise ValueError(f"unknown generator {domain!r}; known: {sorted(table)}")
-    return table[domain]
+    if not params:
+        return table[domain]
+    accepted = set(inspect.signature(table[domain]).parameters) - {"rng"}
+    unknown = set(params) - accepted
+    if unknown:
+        raise ValueError(f"generator {domain!r} takes no parameter {sorted(unknown)}; it takes {sorted(accepted)}")
+    return functools.partial(table[domain], **params)
 
 
 def pick(rng: random.Random, options):

@@ -94,9 +94,14 @@ def _word_problem(rng: random.Random) -> Example:
     return _example(rng, text, [(a, "+", b), ("#0", "-", c)], 5)
 
 
-def sample(rng: random.Random, level: int | None = None) -> Example:
+def sample(rng: random.Random, level: int | None = None, level_weights: dict | None = None) -> Example:
+    """One problem of ``level``, or of a level drawn with ``level_weights`` (default ``LEVEL_WEIGHTS``)."""
     if level is None:
-        level = rng.choices(list(LEVEL_WEIGHTS), weights=list(LEVEL_WEIGHTS.values()))[0]
+        weights = {int(k): float(v) for k, v in (level_weights or LEVEL_WEIGHTS).items()}
+        if not weights or set(weights) - set(LEVEL_WEIGHTS) or min(weights.values()) < 0 or not sum(weights.values()):
+            raise ValueError(f"level_weights={level_weights!r}: expected non-negative weights for levels "
+                             f"{sorted(LEVEL_WEIGHTS)}, not all zero")
+        level = rng.choices(list(weights), weights=list(weights.values()))[0]
     if level <= 3:
         return _arithmetic(rng, level)
     return _two_step(rng) if level == 4 else _word_problem(rng)
