@@ -1,0 +1,118 @@
+"""The SFT run's closing check: greedy answers to held-out math and safety prompts, scored by the project's checkers.
+
+    python -m pipelines.quick_eval runs/sft/tiny --data_dir runs/data/tiny --math 2000
+
+* math: exact match of the stated final answer (``rewards.math.score``, the checker GRPO's reward uses), the share of
+  replies in the trained format (steps, then "The answer is N."), and exact match per difficulty level;
+* safety: refusal rate on held-out harmful requests and answer rate (not refusing) on their benign look-alikes,
+  with ``data_prep.generators.safety.is_refusal``, the detector the safety data were written against.
+
+Batched greedy ``generate`` with left padding (our model decodes from its latent cache). The full evaluation suite
+(``eval/``) is a separate step; this is what the SFT run reports in its model card.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from datasets import load_from_disk
+
+from data_prep.generators.safety import is_refusal
+from rewards.math import score
+
+TRAINED_MATH_FORMAT = re.compile(r"(?:^|\s)The answer is -?\d+\.$")  # how every generated solution ends
+LEVEL = re.compile(r"/L(\d+)/")  # held-out math ids look like heldout/math/L3/17
+
+
+@torch.no_grad()
+def greedy_replies(model, tokenizer, prompts: list[list[dict]], batch_size: int = 64,
+                   max_new_tokens: int = 96) -> list[str]:
+    """Greedy replies to chat ``prompts`` (lists of messages), in order. Prompts of similar length share a batch."""
+    model.eval()
+    texts = [tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=False) for p in prompts]
+    lengths = [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+    order = sorted(range(len(texts)), key=lambda i: lengths[i])
+    side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    replies = [""] * len(texts)
+    try:
+        for start in range(0, len(order), batch_size):
+            index = order[start:start + batch_size]
+            batch = tokenizer([texts[i] for i in index], add_special_tokens=False, padding=True, return_tensors="pt")
+            batch = batch.to(model.device)
+            out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
+                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+            new = out[:, batch["input_ids"].shape[1]:]
+            for i, text in zip(index, tokenizer.batch_decode(new, skip_special_tokens=True)):
+                replies[i] = text.strip()
+    finally:
+        tokenizer.padding_side = side
+    return replies
+
+
+def evaluate(model, tokenizer, data_dir: str | Path, math: int = 2000, safety: int | None = None,
+             batch_size: int = 64, max_new_tokens: int = 96) -> dict:
+    """Metrics on the first ``math`` held-out math problems and ``safety`` safety prompts (None: all)."""
+    start = time.perf_counter()
+    heldout = Path(data_dir) / "heldout"
+    results: dict = {}
+    if math:
+        data = load_from_disk(str(heldout / "math"))
+        data = data.select(range(min(math, len(data))))
+        replies = greedy_replies(model, tokenizer, data["prompt"], batch_size, max_new_tokens)
+        correct = [score(r, str(gold)) for r, gold in zip(replies, data["answer"])]
+        by_level = defaultdict(list)
+        for row_id, c in zip(data["id"], correct):
+            level = LEVEL.search(row_id)
+            by_level[f"L{level.group(1)}" if level else "all"].append(c)
+        results.update(
+            math_n=len(replies),
+            math_exact_match=sum(correct) / len(replies),
+            math_trained_format=sum(bool(TRAINED_MATH_FORMAT.search(r)) for r in replies) / len(replies),
+            math_exact_match_by_level={k: round(sum(v) / len(v), 4) for k, v in sorted(by_level.items())},
+            math_examples=[{"prompt": p[-1]["content"], "reply": r, "gold": g}
+                           for p, r, g in list(zip(data["prompt"], replies, data["answer"]))[:5]],
+        )
+    if safety is None or safety > 0:
+        data = load_from_disk(str(heldout / "safety"))
+        if safety is not None:
+            data = data.select(range(min(safety, len(data))))
+        replies = greedy_replies(model, tokenizer, data["prompt"], batch_size, max_new_tokens)
+        refused = [is_refusal(r) for r in replies]
+        harmful = [x for x, want in zip(refused, data["answer"]) if want == "refuse"]
+        benign = [not x for x, want in zip(refused, data["answer"]) if want == "comply"]
+        results.update(
+            safety_harmful_n=len(harmful), safety_benign_n=len(benign),
+            safety_harmful_refusal_rate=sum(harmful) / max(1, len(harmful)),
+            safety_benign_answer_rate=sum(benign) / max(1, len(benign)),
+        )
+    results["eval_seconds"] = round(time.perf_counter() - start, 1)
+    return results
+
+
+def main(argv=None) -> int:
+    from transformers import AutoModelForCausalLM
+
+    from data_prep.tokenizer import load_tokenizer
+
+    parser = argparse.ArgumentParser(prog="python -m pipelines.quick_eval", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("checkpoint")
+    parser.add_argument("--data_dir", default="runs/data/tiny")
+    parser.add_argument("--math", type=int, default=2000)
+    parser.add_argument("--safety", type=int, default=None)
+    parser.add_argument("--batch_size", type=int, default=64)
+    args = parser.parse_args(argv)
+    model = AutoModelForCausalLM.from_pretrained(args.checkpoint, trust_remote_code=True)
+    tokenizer = load_tokenizer(args.checkpoint)
+    print(json.dumps(evaluate(model, tokenizer, args.data_dir, args.math, args.safety, args.batch_size), indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
