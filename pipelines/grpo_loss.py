@@ -1,0 +1,112 @@
+"""GRPO's maths (DeepSeekMath §4.1, used by DeepSeek-V2 §4.2): group-relative advantages, the k3 KL estimator, the
+clipped policy objective and its loss aggregations. Pure tensor functions, tested against hand-computed tables.
+
+Shapes: B completions (prompts × group size G, a prompt's G completions adjacent), T completion tokens, a 0/1
+``mask`` (B, T) that is 1 on tokens the policy sampled.
+"""
+
+from __future__ import annotations
+
+import torch
+
+STD_EPS = 1e-4  # added to the group's std: a group whose rewards all agree gets advantage 0, never 0/0
+AGGREGATIONS = ("grpo", "token", "dr_grpo")
+
+
+def _groups(values: torch.Tensor, group_size: int) -> torch.Tensor:
+    if group_size < 2:
+        raise ValueError(f"group_size={group_size}: GRPO needs at least 2 completions per prompt to compare")
+    if values.shape[0] % group_size:
+        raise ValueError(f"{values.shape[0]} rewards do not split into groups of {group_size}")
+    return values.view(-1, group_size)
+
+
+def outcome_advantages(rewards: torch.Tensor, group_size: int, scale: bool = True) -> torch.Tensor:
+    """Outcome supervision (DeepSeekMath eq. 3 context): Â_i = (r_i − mean(r)) / std(r) within each group, the same
+    for every token of completion i. ``scale=False`` keeps only the centring (Dr. GRPO). Shape (B,)."""
+    groups = _groups(rewards.float(), group_size)
+    centred = groups - groups.mean(dim=1, keepdim=True)
+    if scale:
+        centred = centred / (groups.std(dim=1, keepdim=True) + STD_EPS)
+    return centred.reshape(-1)
+
+
+def process_advantages(step_rewards: list[list[float]], step_ends: list[list[int]], group_size: int,
+                       num_tokens: int, scale: bool = True) -> torch.Tensor:
+    """Process supervision (DeepSeekMath §4.1.3): every step reward of the group is normalised by the mean and std
+    of all step rewards in that group, r̃ = (r − mean(R)) / std(R); a token's advantage is the sum of the
+    normalised rewards of the steps that end at or after it, Â_t = Σ_{index(j) ≥ t} r̃_j. ``step_ends[i][j]`` is
+    the completion-token index where step j of completion i ends. Shape (B, num_tokens)."""
+    if len(step_rewards) != len(step_ends) or len(step_rewards) % group_size:
+        raise ValueError(f"{len(step_rewards)} step-reward lists, {len(step_ends)} step-end lists, group size "
+                         f"{group_size}: expected equal counts, a multiple of the group size")
+    _groups(torch.zeros(len(step_rewards)), group_size)
+    advantages = torch.zeros(len(step_rewards), num_tokens)
+    for start in range(0, len(step_rewards), group_size):
+        pooled = torch.tensor([r for rs in step_rewards[start:start + group_size] for r in rs], dtype=torch.float)
+        if pooled.numel() == 0:
+            continue
+        mean = pooled.mean()
+        std = pooled.std() if pooled.numel() > 1 else torch.tensor(0.0)
+        for i in range(start, start + group_size):
+            if len(step_rewards[i]) != len(step_ends[i]):
+                raise ValueError(f"completion {i}: {len(step_rewards[i])} step rewards but {len(step_ends[i])} "
+                                 "step ends")
+            for reward, end in zip(step_rewards[i], step_ends[i]):
+                normalised = reward - mean
+                if scale:
+                    normalised = normalised / (std + STD_EPS)
+                advantages[i, : min(end, num_tokens - 1) + 1] += normalised
+    return advantages
+
+
+def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+    """Unbiased, always ≥ 0 estimator of KL(π_θ || π_ref) per token (DeepSeekMath eq. 4):
+    π_ref/π_θ − log(π_ref/π_θ) − 1."""
+    log_ratio = ref_logp - logp
+    return torch.exp(log_ratio) - log_ratio - 1
+
+
+def aggregate(per_token: torch.Tensor, mask: torch.Tensor, how: str, max_tokens: int | None = None) -> torch.Tensor:
+    """``grpo``: mean over each completion's tokens, then over completions (DeepSeekMath eq. 3); ``token``: mean over
+    all tokens of the batch (DAPO); ``dr_grpo``: sum over tokens divided by B × the generation budget (Dr. GRPO),
+    so neither long nor short completions are favoured by the normaliser."""
+    mask = mask.to(per_token.dtype)
+    if how == "grpo":
+        return ((per_token * mask).sum(1) / mask.sum(1).clamp(min=1)).mean()
+    if how == "token":
+        return (per_token * mask).sum() / mask.sum().clamp(min=1)
+    if how == "dr_grpo":
+        return (per_token * mask).sum() / (per_token.shape[0] * (max_tokens or per_token.shape[1]))
+    raise ValueError(f"loss aggregation {how!r}: expected one of {AGGREGATIONS}")
+
+
+def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, *,
+                ref_logp: torch.Tensor | None = None, beta: float = 0.0, epsilon: float = 0.2,
+                epsilon_high: float | None = None, aggregation: str = "grpo", max_tokens: int | None = None,
+                sampler_logp: torch.Tensor | None = None, importance_cap: float = 2.0) -> tuple[torch.Tensor, dict]:
+    """The clipped GRPO objective with a KL penalty, as a loss to minimise (DeepSeekMath eq. 3):
+    −min(ρ Â, clip(ρ, 1−ε, 1+ε_high) Â) + β·KL_k3, ρ = π_θ/π_old, aggregated as ``aggregation`` says.
+
+    ``epsilon_high`` (DAPO's clip-higher) widens the upper bound only. ``sampler_logp``: the log-probs of the
+    engine that sampled the tokens; where it differs from the trainer's ``old_logp`` (bf16, other kernels) each
+    token is reweighted by min(π_old/π_sampler, ``importance_cap``) (truncated importance sampling). Returns the
+    loss and detached metrics (clip fraction, KL, ratio)."""
+    if advantages.dim() == 1:
+        advantages = advantages[:, None]
+    ratio = torch.exp(logp - old_logp)
+    clipped = ratio.clamp(1 - epsilon, 1 + (epsilon_high if epsilon_high is not None else epsilon))
+    per_token = -torch.min(ratio * advantages, clipped * advantages)
+    if sampler_logp is not None:
+        per_token = per_token * torch.exp(old_logp - sampler_logp).clamp(max=importance_cap).detach()
+    kl = k3_kl(logp, ref_logp) if ref_logp is not None else torch.zeros_like(logp)
+    if beta:
+        per_token = per_token + beta * kl
+    loss = aggregate(per_token, mask, aggregation, max_tokens)
+    with torch.no_grad():
+        m = mask.to(logp.dtype)
+        n = m.sum().clamp(min=1)
+        was_clipped = ((ratio < 1 - epsilon) & (advantages < 0)) | (ratio > clipped) & (advantages > 0)
+        metrics = {"kl": ((kl * m).sum() / n).item(), "clip_fraction": ((was_clipped.to(m.dtype) * m).sum() / n).item(),
+                   "ratio_mean": ((ratio * m).sum() / n).item()}
+    return loss, metrics

