@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed-$(shell sha1sum pyproject.toml | cut -c1-12)
 export TOKENIZERS_PARALLELISM ?= false
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: setup test test-fast bench data clean
+.PHONY: setup test test-fast bench data sft rm grpo chat clean
 
 setup: $(STAMP)
 
@@ -31,6 +31,30 @@ test-fast: setup
 # and a tokenizer, under runs/data/tiny. Prints the per-domain table.
 data: setup
 	$(PY) -m data_prep build recipes/data/tiny.yaml
+
+# SFT of the tiny default (≈14 min on 2 cores): builds the data if missing, trains, writes the chat checkpoint to
+# runs/sft/tiny with its model card (README.md there), eval.json and loss_curve.png. Run again to continue.
+sft: setup
+	$(PY) -m pipelines.sft recipes/sft/tiny.yaml
+
+runs/sft/tiny/model.safetensors:
+	$(MAKE) sft
+
+# The three reward models and the process RM from the SFT checkpoint, into runs/rm/tiny/<name>.
+rm: setup runs/sft/tiny/model.safetensors
+	$(PY) -m pipelines.reward_model --config recipes/rm/tiny.yaml
+
+runs/rm/tiny/metrics.json:
+	$(MAKE) rm
+
+# Two-stage GRPO (reasoning, then preference) from the SFT checkpoint and the reward models, into runs/grpo/tiny.
+grpo: setup runs/sft/tiny/model.safetensors runs/rm/tiny/metrics.json
+	$(PY) -m pipelines.grpo recipes/grpo/tiny.yaml
+
+# Chat with a checkpoint in the terminal (streams tokens, keeps the history): make chat CKPT=runs/grpo/tiny
+CKPT ?= runs/sft/tiny
+chat: setup
+	$(PY) -m pipelines.chat $(CKPT)
 
 bench: setup
 	$(PY) -m benchmarks.modeling_speed
