@@ -84,13 +84,20 @@ def plot_loss_curve(records: list[dict], out: str | Path, title: str = "") -> Pa
     ax.set_xlabel("optimizer step (stages in sequence)")
     ax.set_ylabel("training loss")
     ax.set_yscale("log")
+    return _finish(fig, ax, aux_ax, "balance loss (aux_loss)", out, title, loc="upper right")
+
+
+def _finish(fig, ax, right_ax, right_label: str, out, title: str, **legend) -> Path:
+    """Grid, one legend for both axes, title; saved to ``out``."""
+    import matplotlib.pyplot as plt
+
     ax.grid(alpha=0.3)
     handles, labels = ax.get_legend_handles_labels()
-    if aux_ax is not None:
-        aux_ax.set_ylabel("balance loss (aux_loss)")
-        more = aux_ax.get_legend_handles_labels()
+    if right_ax is not None:
+        right_ax.set_ylabel(right_label)
+        more = right_ax.get_legend_handles_labels()
         handles, labels = handles + more[0], labels + more[1]
-    ax.legend(handles, labels, loc="upper right")
+    ax.legend(handles, labels, **legend)
     ax.set_title(title)
     fig.tight_layout()
     out = Path(out)
@@ -123,16 +130,4 @@ def plot_reward_curve(records: list[dict], out: str | Path, keys=("reward", "acc
                 target.plot(*zip(*values), linestyle=":" if key == "kl" else "-", label=f"{stage} {key}")
     ax.set_xlabel("GRPO step (stages in sequence)")
     ax.set_ylabel("reward / accuracy")
-    ax.grid(alpha=0.3)
-    handles, labels = ax.get_legend_handles_labels()
-    if kl_ax is not None:
-        kl_ax.set_ylabel("KL to the reference (k3)")
-        more = kl_ax.get_legend_handles_labels()
-        handles, labels = handles + more[0], labels + more[1]
-    ax.legend(handles, labels, loc="upper left", fontsize=8)
-    ax.set_title(title)
-    fig.tight_layout()
-    out = Path(out)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return _finish(fig, ax, kl_ax, "KL to the reference (k3)", out, title, loc="upper left", fontsize=8)
