@@ -75,11 +75,12 @@ def test_grpo_recipe_parses(path: Path):
 
 
 @pytest.mark.parametrize("path", RM_RECIPES, ids=lambda p: str(p.relative_to(REPO)))
-def test_rm_recipe_parses(path: Path):
+def test_rm_recipe_parses(path: Path, tmp_path):
     from trl import RewardConfig, TrlParser
 
     from pipelines.reward_model import RewardModelArguments
 
+    (tmp_path / "preferences").mkdir()  # the arguments check that the data were built; a fresh clone has none
     args, config = TrlParser((RewardModelArguments, RewardConfig)).parse_args_and_config(
-        ["--config", str(path), "--use_cpu", "true"])
+        ["--config", str(path), "--use_cpu", "true", "--data_dir", str(tmp_path)])
     assert args.reward_models and config.output_dir
