@@ -132,6 +132,8 @@ class VLLMGenerator:
         self.tokenizer, self.settings = tokenizer, settings
         if max_model_len:  # default: the model's max_position_embeddings
             engine_overrides["max_model_len"] = max_model_len
+        # processed: after temperature (and top-p), as the trainer scores them; vLLM's default is the raw model's
+        engine_overrides.setdefault("logprobs_mode", "processed_logprobs")
         self.llm = make_llm(checkpoint, skip_tokenizer_init=True, seed=seed, **engine_overrides)
 
     def sync(self, model) -> None:
