@@ -32,6 +32,7 @@ import json
 import logging
 import math
 import random
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -165,8 +166,7 @@ def sequence_logprobs(model, prompt_ids, completion_ids, temperature: float = 1.
     device = next(model.parameters()).device
     for start in range(0, len(rows), batch_size):
         chunk = rows[start:start + batch_size]
-        width = max(map(len, chunk))
-        ids = torch.zeros(len(chunk), width, dtype=torch.long)
+        ids = torch.zeros(len(chunk), max(map(len, chunk)), dtype=torch.long)
         mask = torch.zeros_like(ids)
         for i, r in enumerate(chunk):
             ids[i, :len(r)] = torch.tensor(r)
@@ -273,7 +273,7 @@ class StageRunner:
         self.reward = build_reward(cfg.rewards)
         self.process_rm = (rewards.get("process_reward_model", path=cfg.process_reward_model)
                            if cfg.supervision == "process" else None)
-        self.settings = SamplingSettings(cfg.temperature, cfg.top_p, cfg.max_new_tokens)
+        self.settings = SamplingSettings(cfg.temperature, cfg.top_p, cfg.max_new_tokens)  # the stage's sampling
         self.optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.learning_rate, betas=(0.9, 0.95),
                                            weight_decay=0.0)
         warmup = max(1, cfg.warmup_steps)
@@ -410,8 +410,6 @@ class StageRunner:
         (folder / "state.json").write_text(json.dumps({"step": self.step, "prompts": self.source.state()}))
         for old in self.dir.glob("checkpoint-*"):  # keep the newest complete one
             if old != folder and (old / "state.json").is_file():
-                import shutil
-
                 shutil.rmtree(old)
 
     def restore(self, folder: Path) -> None:
@@ -481,16 +479,14 @@ class StageRunner:
 
 def evaluate(model, tokenizer, args: GRPOArguments, safety_rm: str | None) -> dict:
     """Greedy held-out math exact match and safety rates (``quick_eval``), and where a safety RM is given, its mean
-    score of the greedy replies to held-out harmful prompts."""
+    score of the same greedy replies to the held-out harmful prompts."""
+    harmful: list = []
     result = quick_eval.evaluate(model, tokenizer, args.data_dir, args.eval_math, args.eval_safety,
-                                 args.eval_batch_size, args.eval_max_new_tokens)
+                                 args.eval_batch_size, args.eval_max_new_tokens, harmful_replies=harmful)
     result.pop("math_examples", None)
-    if safety_rm:
-        data = load_from_disk(str(Path(args.data_dir) / "heldout" / "safety"))
-        harmful = data.filter(lambda a: a == "refuse", input_columns="answer")
-        replies = quick_eval.greedy_replies(model, tokenizer, harmful["prompt"], args.eval_batch_size,
-                                            args.eval_max_new_tokens)
-        scores = rewards.get("reward_model", path=safety_rm)(prompts=harmful["prompt"], completions=replies)
+    if safety_rm and harmful:
+        prompts, replies = zip(*harmful)
+        scores = rewards.get("reward_model", path=safety_rm)(prompts=list(prompts), completions=list(replies))
         result["safety_rm_score_harmful"] = sum(scores) / len(scores)
     return result
 
@@ -555,11 +551,10 @@ def main(argv=None) -> dict:
         if checkpoints and args.resume:
             runner.restore(checkpoints[-1].parent)
             logger.info("%s: continuing from %s", name, checkpoints[-1].parent)
-        settings = SamplingSettings(cfg.temperature, cfg.top_p, cfg.max_new_tokens)
         if generator is None:
             source = args.policy if not checkpoints else str(checkpoints[-1].parent)
-            generator = make_generator(args.backend, policy, tokenizer, settings, checkpoint=source)
-        generator.settings = settings
+            generator = make_generator(args.backend, policy, tokenizer, runner.settings, checkpoint=source)
+        generator.settings = runner.settings
         generator.sync(policy)
         summary = runner.run(generator)
         policy.save_pretrained(stage_dir / "final")

@@ -56,8 +56,10 @@ def greedy_replies(model, tokenizer, prompts: list[list[dict]], batch_size: int 
 
 
 def evaluate(model, tokenizer, data_dir: str | Path, math: int = 2000, safety: int | None = None,
-             batch_size: int = 64, max_new_tokens: int = 96) -> dict:
-    """Metrics on the first ``math`` held-out math problems and ``safety`` safety prompts (None: all)."""
+             batch_size: int = 64, max_new_tokens: int = 96, harmful_replies: list | None = None) -> dict:
+    """Metrics on the first ``math`` held-out math problems and ``safety`` safety prompts (None: all).
+    ``harmful_replies``, when given a list, receives (prompt, reply) for each harmful request, for scorers that
+    judge the same replies (GRPO's safety-RM score)."""
     start = time.perf_counter()
     heldout = Path(data_dir) / "heldout"
     results: dict = {}
@@ -84,6 +86,8 @@ def evaluate(model, tokenizer, data_dir: str | Path, math: int = 2000, safety: i
             data = data.select(range(min(safety, len(data))))
         replies = greedy_replies(model, tokenizer, data["prompt"], batch_size, max_new_tokens)
         refused = [is_refusal(r) for r in replies]
+        if harmful_replies is not None:
+            harmful_replies += [(p, r) for p, r, want in zip(data["prompt"], replies, data["answer"]) if want == "refuse"]
         harmful = [x for x, want in zip(refused, data["answer"]) if want == "refuse"]
         benign = [not x for x, want in zip(refused, data["answer"]) if want == "comply"]
         results.update(
