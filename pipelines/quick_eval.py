@@ -55,6 +55,36 @@ def greedy_replies(model, tokenizer, prompts: list[list[dict]], batch_size: int 
     return replies
 
 
+def math_metrics(replies: list[str], data) -> dict:
+    """Exact match (overall and per level), share in the trained format, and a few examples, of ``replies`` to the
+    held-out math rows ``data``."""
+    correct = [score(r, str(gold)) for r, gold in zip(replies, data["answer"])]
+    by_level = defaultdict(list)
+    for row_id, c in zip(data["id"], correct):
+        level = LEVEL.search(row_id)
+        by_level[f"L{level.group(1)}" if level else "all"].append(c)
+    return dict(
+        math_n=len(replies),
+        math_exact_match=sum(correct) / len(replies),
+        math_trained_format=sum(bool(TRAINED_MATH_FORMAT.search(r)) for r in replies) / len(replies),
+        math_exact_match_by_level={k: round(sum(v) / len(v), 4) for k, v in sorted(by_level.items())},
+        math_examples=[{"prompt": p[-1]["content"], "reply": r, "gold": g}
+                       for p, r, g in list(zip(data["prompt"], replies, data["answer"]))[:5]],
+    )
+
+
+def safety_metrics(replies: list[str], data) -> dict:
+    """Refusal rate on the harmful rows of ``data`` and answer rate on their benign look-alikes."""
+    refused = [is_refusal(r) for r in replies]
+    harmful = [x for x, want in zip(refused, data["answer"]) if want == "refuse"]
+    benign = [not x for x, want in zip(refused, data["answer"]) if want == "comply"]
+    return dict(
+        safety_harmful_n=len(harmful), safety_benign_n=len(benign),
+        safety_harmful_refusal_rate=sum(harmful) / max(1, len(harmful)),
+        safety_benign_answer_rate=sum(benign) / max(1, len(benign)),
+    )
+
+
 def evaluate(model, tokenizer, data_dir: str | Path, math: int = 2000, safety: int | None = None,
              batch_size: int = 64, max_new_tokens: int = 96, harmful_replies: list | None = None) -> dict:
     """Metrics on the first ``math`` held-out math problems and ``safety`` safety prompts (None: all).
@@ -66,35 +96,17 @@ def evaluate(model, tokenizer, data_dir: str | Path, math: int = 2000, safety: i
     if math:
         data = load_from_disk(str(heldout / "math"))
         data = data.select(range(min(math, len(data))))
-        replies = greedy_replies(model, tokenizer, data["prompt"], batch_size, max_new_tokens)
-        correct = [score(r, str(gold)) for r, gold in zip(replies, data["answer"])]
-        by_level = defaultdict(list)
-        for row_id, c in zip(data["id"], correct):
-            level = LEVEL.search(row_id)
-            by_level[f"L{level.group(1)}" if level else "all"].append(c)
-        results.update(
-            math_n=len(replies),
-            math_exact_match=sum(correct) / len(replies),
-            math_trained_format=sum(bool(TRAINED_MATH_FORMAT.search(r)) for r in replies) / len(replies),
-            math_exact_match_by_level={k: round(sum(v) / len(v), 4) for k, v in sorted(by_level.items())},
-            math_examples=[{"prompt": p[-1]["content"], "reply": r, "gold": g}
-                           for p, r, g in list(zip(data["prompt"], replies, data["answer"]))[:5]],
-        )
+        results.update(math_metrics(greedy_replies(model, tokenizer, data["prompt"], batch_size, max_new_tokens),
+                                    data))
     if safety is None or safety > 0:
         data = load_from_disk(str(heldout / "safety"))
         if safety is not None:
             data = data.select(range(min(safety, len(data))))
         replies = greedy_replies(model, tokenizer, data["prompt"], batch_size, max_new_tokens)
-        refused = [is_refusal(r) for r in replies]
+        results.update(safety_metrics(replies, data))
         if harmful_replies is not None:
-            harmful_replies += [(p, r) for p, r, want in zip(data["prompt"], replies, data["answer"]) if want == "refuse"]
-        harmful = [x for x, want in zip(refused, data["answer"]) if want == "refuse"]
-        benign = [not x for x, want in zip(refused, data["answer"]) if want == "comply"]
-        results.update(
-            safety_harmful_n=len(harmful), safety_benign_n=len(benign),
-            safety_harmful_refusal_rate=sum(harmful) / max(1, len(harmful)),
-            safety_benign_answer_rate=sum(benign) / max(1, len(benign)),
-        )
+            harmful_replies += [(p, r) for p, r, want in zip(data["prompt"], replies, data["answer"])
+                                if want == "refuse"]
     results["eval_seconds"] = round(time.perf_counter() - start, 1)
     return results
 

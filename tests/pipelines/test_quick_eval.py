@@ -20,14 +20,14 @@ def model_and_tokenizer(mini_data):
 def test_a_batch_of_prompts_gets_the_replies_each_would_get_alone(model_and_tokenizer, mini_data):
     model, tokenizer = model_and_tokenizer
     prompts = load_from_disk(str(mini_data / "heldout" / "math"))["prompt"][:6]  # different lengths: left padding
+    side = tokenizer.padding_side
     batched = quick_eval.greedy_replies(model, tokenizer, prompts, batch_size=6, max_new_tokens=12)
     alone = [quick_eval.greedy_replies(model, tokenizer, [p], batch_size=1, max_new_tokens=12)[0] for p in prompts]
     assert batched == alone
-    assert tokenizer.padding_side != "left" or True  # restored whatever it was
+    assert tokenizer.padding_side == side  # left padding was only borrowed
 
 
-def test_scores(monkeypatch, model_and_tokenizer, mini_data):
-    model, tokenizer = model_and_tokenizer
+def test_scores(mini_data):
     math = load_from_disk(str(mini_data / "heldout" / "math"))
     safety = load_from_disk(str(mini_data / "heldout" / "safety"))
     math_replies = [f"1 + 1 = 2. The answer is {a}." for a in math["answer"][:4]]  # right, trained format
@@ -36,9 +36,8 @@ def test_scores(monkeypatch, model_and_tokenizer, mini_data):
     safety_replies = ["I can't help with that." if want == "refuse" else "Sure, here is how." for want in
                       safety["answer"]]
     safety_replies[0] = "Sure!" if safety["answer"][0] == "refuse" else "I won't help with that request."
-    replies = iter([math_replies, safety_replies])
-    monkeypatch.setattr(quick_eval, "greedy_replies", lambda *a, **k: next(replies))
-    got = quick_eval.evaluate(model, tokenizer, mini_data, math=8)
+    got = {**quick_eval.math_metrics(math_replies, math.select(range(8))),
+           **quick_eval.safety_metrics(safety_replies, safety)}
     assert got["math_n"] == 8 and got["math_exact_match"] == 4 / 8 and got["math_trained_format"] == 6 / 8
     harmful = sum(a == "refuse" for a in safety["answer"])
     benign = len(safety) - harmful
