@@ -26,6 +26,7 @@ from rewards.sandbox import DEFAULT_MEMORY_MB, DEFAULT_TIMEOUT_S, run_many
 FENCE = re.compile(r"```[ \t]*([\w+-]*)[^\n]*\n(.*?)(?:```|\Z)", re.DOTALL)  # unclosed: a truncated completion
 PYTHON_TAGS = ("python", "py", "python3")
 SPLIT_CACHE_SIZE = 4096
+DEFINES_CHECK = re.compile(r"^def\s+check\s*\(", re.MULTILINE)  # a HumanEval-style test program
 
 
 def extract_code(text: str) -> str:
@@ -104,18 +105,27 @@ class CodeExecution:
         return rewards
 
     def _tests(self, row_tests, entry_point, row: int) -> list[str]:
+        """The row's tests as sources to run one by one. A HumanEval test program (it defines ``check(candidate)``)
+        is only a definition: with an ``entry_point`` it is split into one test per assert (or ``check(entry_point)``
+        appended), whether it comes as a string or as an item of a list (``data_prep.load`` gives ``[program]``)."""
         if row_tests is None:
             return []
         if isinstance(row_tests, str):
             if not entry_point:
                 return [row_tests]  # one test program, run as is
-            if self.split_humaneval:
-                return list(humaneval_tests(row_tests, entry_point))
-            return [row_tests + f"\n\ncheck({entry_point})\n"]
+            return self._humaneval(row_tests, entry_point)
         if not all(isinstance(t, str) for t in row_tests):
             raise TypeError(f"code_execution: tests[{row}] must be a test program (str) or a list of test "
                             f"sources (list[str]), got {type(row_tests).__name__} of other items")
-        return list(row_tests)
+        out = []
+        for source in row_tests:
+            out += self._humaneval(source, entry_point) if entry_point and DEFINES_CHECK.search(source) else [source]
+        return out
+
+    def _humaneval(self, program: str, entry_point: str) -> list[str]:
+        if self.split_humaneval:
+            return list(humaneval_tests(program, entry_point))
+        return [program + f"\n\ncheck({entry_point})\n"]
 
 
 code_execution = CodeExecution()

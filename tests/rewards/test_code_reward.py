@@ -109,3 +109,17 @@ def test_humaneval_return_none_fails(humaneval):
                              code_prefix=[row["prompt"] for row in humaneval])
     caught = sum(reward < 1.0 for reward in rewards)
     assert caught >= MIN_BROKEN_CAUGHT, f"only {caught} of {len(humaneval)} `return None` bodies scored below 1"
+
+
+def test_humaneval_rows_loaded_by_data_prep_are_checked(humaneval):
+    """``data_prep.load`` gives a HumanEval row's test program as a one-item list; it must still be run as
+    ``check(entry_point)``, not as a bare source that only defines ``check`` (which anything would pass)."""
+    from data_prep import load
+
+    rows = load(HUMANEVAL, kind="rl_prompts")
+    assert rows[0]["tests"] == [humaneval[0]["test"]]
+    columns = dict(tests=rows["tests"], entry_point=rows["entry_point"], code_prefix=rows["code_prefix"])
+    canonical = code_execution([row["canonical_solution"] for row in humaneval], **columns)
+    assert all(reward == 1.0 for reward in canonical)
+    broken = code_execution(["    return None\n"] * len(humaneval), **columns)
+    assert sum(reward < 1.0 for reward in broken) >= MIN_BROKEN_CAUGHT
