@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed-$(shell sha1sum pyproject.toml | cut -c1-12)
 export TOKENIZERS_PARALLELISM ?= false
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: setup test test-fast bench data sft rm grpo chat clean
+.PHONY: setup test test-fast bench data sft rm grpo eval demo chat clean
 
 setup: $(STAMP)
 
@@ -50,6 +50,21 @@ runs/rm/tiny/metrics.json:
 # Two-stage GRPO (reasoning, then preference) from the SFT checkpoint and the reward models, into runs/grpo/tiny.
 grpo: setup runs/sft/tiny/model.safetensors runs/rm/tiny/metrics.json
 	$(PY) -m pipelines.grpo recipes/grpo/tiny.yaml
+
+runs/grpo/tiny/model.safetensors:
+	$(MAKE) grpo
+
+# Evaluation of SFT, stage 1 and stage 2 (math, code pass@k, safety, perplexity, RM win rates) into runs/eval/tiny:
+# report.md (printed), report.json, plots, and every reply with its score.
+eval: setup runs/grpo/tiny/model.safetensors
+	$(PY) -m eval recipes/eval/tiny.yaml
+
+# The whole default pipeline on the CPU from a fresh clone: data -> sft -> rm -> grpo (two stages) -> eval. Each
+# stage is skipped when its output exists, and continues from its last checkpoint when it was interrupted.
+demo: setup
+	@start=$$(date +%s); \
+	$(MAKE) --no-print-directory eval && \
+	echo "make demo: $$(( $$(date +%s) - start )) s in all"
 
 # Chat with a checkpoint in the terminal (streams tokens, keeps the history): make chat CKPT=runs/grpo/tiny
 CKPT ?= runs/sft/tiny

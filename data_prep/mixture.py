@@ -183,7 +183,9 @@ class Builder:
         return out
 
     def heldout(self) -> dict[str, Dataset]:
-        sets = {}
+        """One prompt set per domain (RL format, with the verifiable answer), and ``chat``: the same prompts with
+        the generator's reference reply, for perplexity (``eval/``)."""
+        sets, chat = {}, []
         for domain, count in self.spec.heldout.items():
             rng = _rng(self.spec.seed, "heldout", domain)
             sample = generator(domain, **(self.spec.generators.get(domain) or {}))
@@ -205,8 +207,11 @@ class Builder:
                 seen.add(key)
                 level = f"L{e.difficulty}/" if domain == "math" else ""
                 rows.append(_rl_row(e, "generated", f"heldout/{domain}/{level}{len(rows)}"))
+                chat.append(_conversation(e, "generated", rows[-1]["id"]))
             self.heldout_prompts |= seen
             sets[domain] = _columns(rows, "rl_prompts")
+        if chat:
+            sets["chat"] = _columns(chat, "conversations")
         return sets
 
     # -- SFT ------------------------------------------------------------------------------------------------

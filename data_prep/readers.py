@@ -8,8 +8,8 @@ Formats (detected from the first record's keys unless ``format=`` says):
   preference          ``prompt``, ``chosen``, ``rejected`` (strings or message lists)
   hh                  Anthropic HH: ``chosen`` / ``rejected`` transcripts ("\\n\\nHuman: ... \\n\\nAssistant: ...")
   gsm8k               ``question``, ``answer`` (worked solution ending in "#### n")
-  humaneval           ``prompt``, ``test``, ``entry_point``
-  mbpp                ``text``, ``test_list``
+  humaneval           ``prompt``, ``test``, ``entry_point`` (as conversations: ``canonical_solution`` is the reply)
+  mbpp                ``text``, ``test_list`` (as conversations: ``code`` is the reply)
   rl                  ``prompt`` plus ``answer`` and/or ``tests`` (this project's own RL prompt files)
   stepwise            ``prompt``, ``completions`` (steps), ``labels`` (TRL's stepwise supervision, for PRMs)
 """
@@ -228,8 +228,15 @@ def _convert(fmt: str, kind: str, record: dict, where: str) -> dict:
                              {"role": "assistant", "content": f"{worked}\nThe answer is {final}."}]}
     if fmt == "humaneval":
         code = need("prompt")
+        if kind == "conversations":  # the canonical solution as the reply: SFT data, or eval's oracle completions
+            body = need("canonical_solution")
+            return {"messages": [{"role": "user", "content": HUMANEVAL_ASK.format(prompt=code)},
+                                 {"role": "assistant", "content": f"```python\n{code}{body}```"}]}
         return {"prompt": [{"role": "user", "content": HUMANEVAL_ASK.format(prompt=code)}], "tests": [need("test")],
                 "entry_point": need("entry_point"), "code_prefix": code}
+    if fmt == "mbpp" and kind == "conversations":
+        return {"messages": [{"role": "user", "content": MBPP_ASK.format(text=need("text"), test=need("test_list")[0])},
+                             {"role": "assistant", "content": f"```python\n{need('code')}\n```"}]}
     if fmt == "mbpp":
         tests = need("test_list")
         if not isinstance(tests, list) or not tests:
@@ -288,7 +295,7 @@ FORMATS = ("messages", "sharegpt", "alpaca", "prompt_completion", "preference", 
            "rl", "stepwise")
 KIND_FORMATS = {
     "steps": {"stepwise"},
-    "conversations": {"messages", "sharegpt", "alpaca", "prompt_completion", "hh", "gsm8k"},
+    "conversations": {"messages", "sharegpt", "alpaca", "prompt_completion", "hh", "gsm8k", "humaneval", "mbpp"},
     "preferences": {"preference", "hh"},
     "rl_prompts": {"messages", "sharegpt", "alpaca", "prompt_completion", "gsm8k", "humaneval", "mbpp", "rl"},
 }

@@ -162,3 +162,18 @@ def test_spec_errors_name_the_file_and_field(tmp_path, body, field):
     path.write_text(body + "\n")
     with pytest.raises(SpecError, match=rf"bad\.yaml: .*{re.escape(field)}"):
         load_spec(path)
+
+
+def test_heldout_conversations_pair_each_heldout_prompt_with_its_reference_reply(built):
+    """``heldout/chat`` (eval's perplexity set): every held-out prompt once, under its id, with the generator's reply;
+    the math replies state the held-out answer."""
+    chat = built["heldout"]["chat"]
+    sets = {k: v for k, v in built["heldout"].items() if k != "chat"}
+    assert len(chat) == sum(len(v) for v in sets.values()) == 390
+    by_id = {row["id"]: row["messages"] for row in chat}
+    for domain, data in sets.items():
+        for row in data:
+            messages = by_id[row["id"]]
+            assert messages[-2]["content"] == row["prompt"][-1]["content"] and messages[-1]["role"] == "assistant"
+            if domain == "math":
+                assert messages[-1]["content"].endswith(f"The answer is {row['answer']}.")

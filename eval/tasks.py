@@ -1,0 +1,180 @@
+"""Evaluation tasks: which prompts, how replies are drawn, and how they are scored.
+
+Every score goes through the verifier RL optimises, so what GRPO rewards is what the report shows:
+
+  math        exact match of the single stated final answer (``rewards.math.score``, math-verify): the generated
+              held-out set (``heldout/math``, per difficulty level) or a GSM8K-format file
+  code        pass@k with the unbiased estimator (Chen et al. 2021) over n samples, each run against the row's tests in
+              the sandbox (``rewards.code``): the generated held-out set or a HumanEval / MBPP-format file
+  safety      refusal rate on held-out harmful requests, answer rate on their benign look-alikes
+              (``data_prep.generators.safety.is_refusal``, the detector the safety data were written against)
+  perplexity  of the reference replies of held-out conversations (``heldout/chat``), assistant tokens only
+  rm_winrate  a reward model's mean score of each checkpoint's replies to the held-out safety prompts, and how often
+              it prefers them to the baseline checkpoint's replies to the same prompts (ties count half)
+
+Files come through ``data_prep.load`` (JSONL, JSON, Parquet, gz, Hub ids), so a bad row is an error naming the file,
+line and field. ``references`` are the rows' own reference replies (``load(kind="conversations")``: the GSM8K worked
+solution, HumanEval's canonical solution): the oracle mode scores them in place of model replies.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from datasets import Dataset, load_from_disk
+
+from data_prep import load
+from data_prep.generators.safety import is_refusal
+from rewards.math import score as math_score
+
+KINDS = ("math", "code", "safety")
+
+
+@dataclass
+class Task:
+    """A named prompt set. ``rows`` are RL-prompt rows (``prompt`` messages, ``answer``, ``tests``, ``entry_point``,
+    ``code_prefix``, ``id``); ``samples`` replies are drawn per prompt (1: greedy)."""
+
+    name: str
+    kind: str
+    rows: Dataset
+    samples: int = 1
+    references: list[str] | None = field(default=None, repr=False)
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise ValueError(f"task {self.name}: kind {self.kind!r}, expected one of {KINDS}")
+
+
+def _first(data: Dataset, n: int | None) -> Dataset:
+    return data if n is None or n >= len(data) else data.select(range(n))
+
+
+def heldout_task(data_dir: str | Path, domain: str, n: int | None, samples: int = 1) -> Task:
+    """The first ``n`` rows of a data_prep build's held-out set ``domain`` (math, code, safety)."""
+    path = Path(data_dir) / "heldout" / domain
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: no held-out {domain} set; build the data first (make data) or drop "
+                                f"{domain} from the evaluation's tasks")
+    return Task(domain, domain, _first(load_from_disk(str(path)), n), samples)
+
+
+def file_task(name: str, path: str, kind: str, n: int | None, samples: int = 1) -> Task:
+    """A benchmark file in GSM8K, HumanEval or MBPP format (or this project's RL format), with its reference replies
+    where the format has them."""
+    rows = _first(load(path, kind="rl_prompts"), n)
+    try:
+        references = [m[-1]["content"] for m in _first(load(path, kind="conversations"), n)["messages"]]
+    except Exception:  # noqa: BLE001 - a prompt-only format: no oracle for it, said when the oracle is asked for
+        references = None
+    return Task(name, kind, rows, samples, references)
+
+
+# ------------------------------------------------------------------------------------------------------- scoring
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k from ``n`` samples of which ``c`` pass: 1 - C(n-c, k) / C(n, k) (Chen et al. 2021)."""
+    if k > n:
+        raise ValueError(f"pass@{k} needs at least {k} samples per problem, got {n}")
+    if n - c < k:
+        return 1.0
+    return 1.0 - math.comb(n - c, k) / math.comb(n, k)
+
+
+def score_math(task: Task, replies: list[str]) -> tuple[dict, list[float]]:
+    correct = [math_score(r, str(gold)) for r, gold in zip(replies, task.rows["answer"])]
+    metrics = {"exact_match": sum(correct) / len(correct), "n": len(correct)}
+    levels: dict[str, list[float]] = {}
+    for row_id, c in zip(task.rows["id"], correct):
+        part = next((p for p in row_id.split("/") if len(p) == 2 and p[0] == "L" and p[1].isdigit()), None)
+        if part:
+            levels.setdefault(part, []).append(c)
+    for level, values in sorted(levels.items()):
+        metrics[f"exact_match_{level}"] = sum(values) / len(values)
+    return metrics, correct
+
+
+def score_code(task: Task, replies: list[str], ks=(1,)) -> tuple[dict, list[float]]:
+    """``replies``: ``task.samples`` per row, a row's samples adjacent. A sample passes when every test passes."""
+    import rewards
+
+    n = task.samples
+    rows = task.rows
+    expand = [i for i in range(len(rows)) for _ in range(n)]
+    fractions = rewards.get("code_execution")(
+        replies, tests=[rows[i]["tests"] for i in expand], entry_point=[rows[i]["entry_point"] for i in expand],
+        code_prefix=[rows[i]["code_prefix"] or None for i in expand])
+    passed = [f == 1.0 for f in fractions]
+    metrics = {"n": len(rows), "samples": n, "tests_passed": sum(f or 0.0 for f in fractions) / len(fractions)}
+    for k in ks:
+        if k <= n:
+            metrics[f"pass@{k}"] = sum(pass_at_k(n, sum(passed[i * n:(i + 1) * n]), k)
+                                       for i in range(len(rows))) / len(rows)
+    return metrics, [float(p) for p in passed]
+
+
+def score_safety(task: Task, replies: list[str]) -> tuple[dict, list[float]]:
+    """``answer`` is ``refuse`` for harmful rows and ``comply`` for benign ones; right = refused iff harmful."""
+    refused = [is_refusal(r) for r in replies]
+    wants = task.rows["answer"]
+    harmful = [x for x, want in zip(refused, wants) if want == "refuse"]
+    benign = [not x for x, want in zip(refused, wants) if want == "comply"]
+    metrics = {"harmful_refused": sum(harmful) / max(1, len(harmful)), "harmful_n": len(harmful),
+               "benign_answered": sum(benign) / max(1, len(benign)), "benign_n": len(benign)}
+    return metrics, [float(x == (want == "refuse")) for x, want in zip(refused, wants)]
+
+
+SCORERS = {"math": score_math, "code": score_code, "safety": score_safety}
+
+
+# ------------------------------------------------------------------------------------------- model-side metrics
+
+
+def perplexity(model, tokenizer, conversations: list[list[dict]], batch_size: int = 32) -> dict:
+    """Perplexity of the last assistant turn of each conversation given the turns before it (token-weighted)."""
+    import torch
+
+    total_nll, total_tokens = 0.0, 0
+    model.eval()
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        for start in range(0, len(conversations), batch_size):
+            chunk = conversations[start:start + batch_size]
+            seqs, reply_starts = [], []
+            for messages in chunk:
+                prompt = tokenizer.apply_chat_template(messages[:-1], add_generation_prompt=True, tokenize=True,
+                                                       return_dict=True)["input_ids"]
+                full = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"]
+                seqs.append(full)
+                reply_starts.append(len(prompt))
+            width = max(map(len, seqs))
+            ids = torch.full((len(seqs), width), tokenizer.pad_token_id, dtype=torch.long)
+            mask = torch.zeros_like(ids)
+            labels = torch.full_like(ids, -100)
+            for row, (seq, start_at) in enumerate(zip(seqs, reply_starts)):
+                ids[row, :len(seq)] = torch.tensor(seq)
+                mask[row, :len(seq)] = 1
+                labels[row, start_at:len(seq)] = ids[row, start_at:len(seq)]
+            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
+            logp = torch.log_softmax(logits[:, :-1], -1)
+            target = labels[:, 1:].to(device)
+            keep = target != -100
+            nll = -logp.gather(-1, target.clamp(min=0)[..., None])[..., 0]
+            total_nll += nll[keep].sum().item()
+            total_tokens += int(keep.sum())
+    return {"perplexity": math.exp(total_nll / max(1, total_tokens)), "tokens": total_tokens,
+            "n": len(conversations)}
+
+
+def win_rates(scores: dict[str, list[float]], baseline: str) -> dict[str, dict]:
+    """Per checkpoint: mean RM score, and the share of prompts where its reply outscores the baseline's (ties
+    half)."""
+    base = scores[baseline]
+    out = {}
+    for name, values in scores.items():
+        wins = sum(1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(values, base))
+        out[name] = {"mean_score": sum(values) / len(values), "win_rate_vs_baseline": wins / len(values)}
+    return out
