@@ -84,3 +84,16 @@ def test_rm_recipe_parses(path: Path, tmp_path):
     args, config = TrlParser((RewardModelArguments, RewardConfig)).parse_args_and_config(
         ["--config", str(path), "--use_cpu", "true", "--data_dir", str(tmp_path)])
     assert args.reward_models and config.output_dir
+
+
+EVAL_RECIPES = [p for p in RECIPES if p.parent.name == "eval"]
+
+
+@pytest.mark.parametrize("path", EVAL_RECIPES, ids=lambda p: str(p.relative_to(REPO)))
+def test_eval_recipe_parses(path: Path):
+    from eval.run import EvalArguments
+    from pipelines.config import parse_recipe
+
+    args, _, _ = parse_recipe((EvalArguments,), [str(path)])
+    assert path.read_text().startswith("#") and "python -m eval" in path.read_text()
+    assert args.oracle or [entry.split("=")[0] for entry in args.checkpoints] == ["sft", "stage1", "stage2"]
