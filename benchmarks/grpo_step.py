@@ -27,9 +27,9 @@ from pathlib import Path
 
 import torch
 
+from benchmarks import save
 from rewards.completions import completion_text
 
-RESULTS = Path(__file__).resolve().parent / "results"
 SCORING_SECONDS: list[float] = []
 
 
@@ -206,11 +206,7 @@ def parser() -> argparse.ArgumentParser:
 def main(argv=None) -> list[dict]:
     args = parser().parse_args(argv)
     rows = run(args)
-    text = table(rows, args)
-    print(text)
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "grpo_step.json").write_text(json.dumps(rows, indent=2))
-    (RESULTS / "grpo_step.md").write_text(text)
+    save("grpo_step", rows, table(rows, args))
     return rows
 
 

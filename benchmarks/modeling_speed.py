@@ -18,18 +18,16 @@ Writes benchmarks/results/modeling_speed.{json,md}; ``python -m benchmarks`` run
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import tempfile
 import time
-from pathlib import Path
 
 import torch
 import transformers
 
+from benchmarks import save
 from modeling import DeepseekV2ForCausalLM, count_parameters, load_model_config
 
-RESULTS = Path(__file__).resolve().parent / "results"
 SHAPES = ("tiny", "deepseek-v2-lite", "deepseek-v2")
 
 
@@ -221,10 +219,8 @@ def main(argv=None) -> dict:
     result = {"model": args.model, "parameters": total, "activated": active, "threads": torch.get_num_threads(),
               "decode": decode_rows, "train": train, "moe_block": moe, "matmul_gflops": peak, "mfu_fp32": mfu,
               "kv_cache_bytes_per_token": kv, "device": str(device)}
-    RESULTS.mkdir(exist_ok=True)
-    stem = "modeling_speed" if device.type == "cpu" else f"modeling_speed_{device.type}"
-    (RESULTS / f"{stem}.json").write_text(json.dumps(result, indent=2))
-    (RESULTS / f"{stem}.md").write_text(markdown(result, args))
+    save("modeling_speed" if device.type == "cpu" else f"modeling_speed_{device.type}", result,
+         markdown(result, args))
     return result
 
 

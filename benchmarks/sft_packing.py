@@ -13,13 +13,13 @@ is measured between the first and the last logged step (the first step warms up)
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 from pathlib import Path
 
 import torch
 
-RESULTS = Path(__file__).resolve().parent / "results"
+from benchmarks import save
+
 
 
 def _rate(records: list[dict]) -> tuple[float, int]:
@@ -103,10 +103,7 @@ def main(argv=None) -> dict:
             "| run | real tokens/s | ratio |\n|---|---:|---:|\n"
             f"| TRL SFTTrainer, padding, transformers' DeepseekV2 | {trl['tokens_per_second']:.0f} | 1.00x |\n"
             f"| ours, packed rows (data_prep), our model | {ours['tokens_per_second']:.0f} | {result['ratio']:.2f}x |\n")
-    print(text)
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "sft_packing.json").write_text(json.dumps(result, indent=2))
-    (RESULTS / "sft_packing.md").write_text(text)
+    save("sft_packing", result, text)
     return result
 
 
