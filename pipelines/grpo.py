@@ -17,7 +17,10 @@ How it departs from the paper and from TRL:
     accelerate rather than a patched ``GRPOTrainer``. From TRL we keep the recipe parser and its conventions
     (names of fields, reward-function contract).
   * Iterative RL (DeepSeekMath Alg. 1): ``iterations > 1`` splits a stage's steps into iterations; at the end of each
-    the reference becomes the current policy. Retraining the reward model on fresh policy samples is not done here.
+    the reference becomes the current policy, and with ``retrain_reward_model`` one of the stage's reward models is
+    trained further (TRL's ``RewardTrainer``, from its current weights) on preference pairs made from the
+    iteration's own samples (within a group, the completion a verifiable reward scores highest against the one it
+    scores lowest) plus a replay share (10% by default) of its earlier pairs; the stage then scores with it.
   * The DeepSeekMoE balance loss stays on during RL (the model adds it to its loss whenever it trains).
 
 Launch:
@@ -54,6 +57,7 @@ from .run_state import prepare_run_dir
 from .tracking import plot_reward_curve
 
 logger = logging.getLogger("grpo")
+RETRAIN_DEFAULTS = {"replay": 0.1, "learning_rate": 1e-4, "epochs": 1, "batch_size": 16}
 BACKENDS = ("hf", "vllm")
 RECIPE_HEADER = "# The resolved recipe of this run. Continue it: python -m pipelines.grpo {path}\n"
 
@@ -85,6 +89,11 @@ class StageConfig:
     mini_batch_size: int = 64  # completions per forward/backward
     max_grad_norm: float = 1.0
     iterations: int = 1  # iterative RL: the reference is reset to the policy this many times over the stage
+    # iterative RL, DeepSeekMath Alg. 1: retrain a reward model at the end of each iteration on fresh policy samples.
+    # {label: the reward_model entry of `rewards` to retrain, labels_from: a reward that ranks a group's completions
+    #  (e.g. math_accuracy), replay_from: its earlier pairs (data_dir/preferences/NAME), replay: 0.1,
+    #  learning_rate: 1e-4, epochs: 1}
+    retrain_reward_model: dict | None = None
     importance_cap: float = 2.0  # truncated importance weight for sampler/trainer log-prob gaps
 
     def check(self, name: str) -> None:
@@ -96,6 +105,19 @@ class StageConfig:
             raise RecipeError(f"{name}.loss_aggregation={self.loss_aggregation!r}: expected one of {AGGREGATIONS}")
         if self.num_generations < 2:
             raise RecipeError(f"{name}.num_generations={self.num_generations}: a group needs at least 2 completions")
+        if self.retrain_reward_model is not None:
+            self.retrain_reward_model = {**RETRAIN_DEFAULTS, **self.retrain_reward_model}
+            r = self.retrain_reward_model
+            where = f"{name}.retrain_reward_model"
+            missing = [k for k in ("label", "labels_from", "replay_from") if not r.get(k)]
+            if missing:
+                raise RecipeError(f"{where}: give {', '.join(missing)}")
+            if self.iterations < 2:
+                raise RecipeError(f"{where}: the reward model is retrained between iterations; set iterations >= 2")
+            if not any(spec.get("name") == "reward_model" and spec.get("label") == r["label"] for spec in self.rewards):
+                raise RecipeError(f"{where}: no reward_model entry of {name}.rewards has label {r['label']!r}")
+            if not 0 <= float(r["replay"]) < 1:
+                raise RecipeError(f"{where}.replay={r['replay']}: a share in [0, 1)")
         for i, spec in enumerate(self.rewards):
             if "name" not in spec:
                 raise RecipeError(f"{name}.rewards[{i}]: give the reward's name (one of {rewards.available()})")
@@ -110,6 +132,9 @@ class GRPOArguments:
     reasoning: dict | str | None = field(default=None, metadata={"help": "StageConfig fields of stage 1"})
     preference: dict | str | None = field(default=None, metadata={"help": "StageConfig fields of stage 2"})
     backend: str = field(default="hf", metadata={"help": "generation: hf (our generate) or vllm (colocated)"})
+    bf16: bool = field(default=False, metadata={
+        "help": "bf16 autocast for the policy and reference forward/backward (the sampler stays as it is; the "
+                "truncated importance weight corrects the larger sampler/trainer gap)"})
     seed: int = 0
     logging_steps: int = 1
     save_steps: int = 25
@@ -274,6 +299,9 @@ class StageRunner:
         self.process_rm = (rewards.get("process_reward_model", path=cfg.process_reward_model)
                            if cfg.supervision == "process" else None)
         self.settings = SamplingSettings(cfg.temperature, cfg.top_p, cfg.max_new_tokens)  # the stage's sampling
+        retrain = cfg.retrain_reward_model
+        self.labeller = rewards.get(retrain["labels_from"]) if retrain else None
+        self.fresh_pairs: list[dict] = []  # this iteration's preference pairs, for the reward model (iterative RL)
         self.optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.learning_rate, betas=(0.9, 0.95),
                                            weight_decay=0.0)
         warmup = max(1, cfg.warmup_steps)
@@ -312,6 +340,9 @@ class StageRunner:
             for key, value in self.reward.last_metrics.items():
                 per_reward.setdefault(key, []).append(value)
             steps = (self.process_rm.step_scores(rows["prompt"], samples.texts) if self.process_rm else None)
+            if self.labeller is not None:
+                self._collect_pairs(rows["prompt"], samples.texts, self.labeller(
+                    prompts=rows["prompt"], completions=samples.texts, **columns), G)
             t_score += time.perf_counter() - start
             truncated += sum(samples.truncated)
             lengths += sum(len(c) for c in samples.completion_ids)
@@ -355,12 +386,65 @@ class StageRunner:
             metrics["accuracy"] = metrics["rewards/math_accuracy/mean"]
         return Batch(kept_prompts, completions, sampler[:n], advantages, kept_rewards, metrics)
 
+    def _collect_pairs(self, prompts, texts: list[str], labels: list[float], G: int) -> None:
+        """Per group whose labels differ: (its best completion, its worst) as a preference pair."""
+        for g in range(len(texts) // G):
+            block = range(g * G, (g + 1) * G)
+            best, worst = max(block, key=lambda i: labels[i]), min(block, key=lambda i: labels[i])
+            if labels[best] > labels[worst]:
+                self.fresh_pairs.append({"prompt": prompts[g * G],
+                                         "chosen": [{"role": "assistant", "content": texts[best]}],
+                                         "rejected": [{"role": "assistant", "content": texts[worst]}]})
+
+    def _retrain_reward_model(self, iteration: int) -> dict:
+        """DeepSeekMath Alg. 1: continue training the reward model on this iteration's pairs plus a replay share of
+        its earlier data, save it beside the stage's checkpoints, and score with it from now on."""
+        from datasets import Dataset
+        from trl import RewardConfig, RewardTrainer
+
+        from modeling import DeepseekV2ForSequenceClassification
+
+        r = self.cfg.retrain_reward_model
+        spec = next(s for s in self.cfg.rewards if s.get("name") == "reward_model" and s.get("label") == r["label"])
+        columns = ["prompt", "chosen", "rejected"]
+        earlier = load_from_disk(str(Path(self.args.data_dir) / "preferences" / r["replay_from"]))
+        earlier = earlier.select_columns(columns)
+        summary = {"reward_model_retrained": iteration, "fresh_pairs": len(self.fresh_pairs), "replay_pairs": 0}
+        if not self.fresh_pairs:
+            logger.warning("%s: iteration %d gave no pair with differing %s scores; %s not retrained", self.name,
+                           iteration, r["labels_from"], r["label"])
+            return summary
+        fresh = Dataset.from_list(self.fresh_pairs).cast(earlier.features)
+        replay = round(len(fresh) * float(r["replay"]) / (1 - float(r["replay"])))
+        replay_rows = earlier.shuffle(seed=self.args.seed + iteration).select(range(min(replay, len(earlier))))
+        train = concatenate_datasets([fresh, replay_rows]).shuffle(seed=self.args.seed)
+        out = self.dir / f"reward-model-iteration-{iteration}"
+        tokenizer = load_tokenizer(spec["path"])
+        model = DeepseekV2ForSequenceClassification.from_pretrained(spec["path"], num_labels=1)
+        config = RewardConfig(output_dir=str(out), learning_rate=float(r["learning_rate"]),
+                              num_train_epochs=float(r["epochs"]), per_device_train_batch_size=int(r["batch_size"]),
+                              save_strategy="no", report_to="none", logging_steps=10, seed=self.args.seed,
+                              use_cpu=not torch.cuda.is_available(), disable_tqdm=True)
+        trainer = RewardTrainer(model=model, args=config, train_dataset=train, processing_class=tokenizer)
+        loss = trainer.train().training_loss
+        trainer.save_model(str(out))
+        tokenizer.save_pretrained(out)
+        spec["path"] = str(out)
+        self.reward = build_reward(self.cfg.rewards)
+        self.fresh_pairs = []
+        summary.update(replay_pairs=len(replay_rows), reward_model_loss=loss, reward_model_path=str(out))
+        logger.info("%s: %s retrained on %d fresh + %d replayed pairs -> %s", self.name, r["label"], len(fresh),
+                    len(replay_rows), out)
+        return summary
+
     # -- the update ----------------------------------------------------------------------------------------------
     def _forward(self, model, batch: Batch, rows):
         ids_p = [batch.prompt_ids[i] for i in rows]
         ids_c = [batch.completion_ids[i] for i in rows]
-        return sequence_logprobs(model, ids_p, ids_c, self.cfg.temperature, batch_size=len(rows),
-                                 width=batch.sampler_logprobs.shape[1])
+        device = next(model.parameters()).device
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.args.bf16):
+            return sequence_logprobs(model, ids_p, ids_c, self.cfg.temperature, batch_size=len(rows),
+                                     width=batch.sampler_logprobs.shape[1])
 
     def update(self, batch: Batch) -> dict:
         cfg = self.cfg
@@ -407,7 +491,8 @@ class StageRunner:
                     "rng": torch.get_rng_state(), "python_rng": random.getstate()}, folder / "trainer.pt")
         if self.reference is not None:
             self.reference.save_pretrained(folder / "reference")
-        (folder / "state.json").write_text(json.dumps({"step": self.step, "prompts": self.source.state()}))
+        (folder / "state.json").write_text(json.dumps({"step": self.step, "prompts": self.source.state(),
+                                                       "rewards": self.cfg.rewards}))
         for old in self.dir.glob("checkpoint-*"):  # keep the newest complete one
             if old != folder and (old / "state.json").is_file():
                 shutil.rmtree(old)
@@ -424,6 +509,9 @@ class StageRunner:
         random.setstate(saved["python_rng"])
         self.step = state["step"]
         self.source.restore(state["prompts"])
+        if state.get("rewards") and state["rewards"] != self.cfg.rewards:  # a reward model retrained before the stop
+            self.cfg.rewards[:] = state["rewards"]
+            self.reward = build_reward(self.cfg.rewards)
 
     def run(self, generator) -> dict:
         cfg = self.cfg
@@ -455,6 +543,12 @@ class StageRunner:
                 self.reference = self._frozen_copy(self.policy) if cfg.beta else None  # Alg. 1: π_ref ← π_θ
                 logger.info("%s: iteration %d done, reference reset to the policy", self.name,
                             self.step // per_iteration)
+                if cfg.retrain_reward_model:  # Alg. 1: the reward model learns from the policy's fresh samples
+                    summary = self._retrain_reward_model(self.step // per_iteration)
+                    record = {"stage": self.name, "step": self.step, "time": round(time.time(), 3),
+                              "event": "reward_model_retrained", **summary}
+                    with self.metrics_path.open("a") as f:
+                        f.write(json.dumps(record) + "\n")
             if self.args.save_steps and self.step % self.args.save_steps == 0 and self.step < cfg.max_steps:
                 self.save()
         bar.close()

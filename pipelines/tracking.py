@@ -44,7 +44,7 @@ def read_metrics(path: str | Path) -> list[dict]:
     for line in path.read_text().splitlines():
         if line.strip():
             r = json.loads(line)
-            kind = "summary" if "train_runtime" in r else "step"
+            kind = r.get("event") or ("summary" if "train_runtime" in r else "step")  # events keep their own line
             records[(r.get("stage"), r.get("step"), kind)] = r
     return list(records.values())
 

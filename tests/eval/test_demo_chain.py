@@ -178,7 +178,8 @@ def test_lm_evaluation_harness_scores_our_checkpoint_with_our_verifier(chain, tm
         str(root / "data" / "heldout" / "math" / "data-00000-of-00001.arrow")))
     (tmp_path / "tasks" / "utils.py").write_text((REPO / "eval" / "lm_eval_tasks" / "utils.py").read_text())
     done = subprocess.run(
-        [sys.executable, "-m", "lm_eval", "run", "--model", "hf", "--model_args", f"pretrained={root / 'sft'},trust_remote_code=True,dtype=float32",
+        [sys.executable, "-m", "lm_eval", "run", "--model", "hf",
+         "--model_args", f"pretrained={root / 'sft'},trust_remote_code=True,dtype=float32",
          "--include_path", str(tmp_path / "tasks"), "--tasks", "dsv2_heldout_math", "--apply_chat_template",
          "--batch_size", "12", "--output_path", str(tmp_path / "out"), "--log_samples"],
         cwd=REPO, env={**ENV, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=300)

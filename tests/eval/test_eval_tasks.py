@@ -100,7 +100,7 @@ def test_oracle_scores_every_reference_answer_of_gsm8k_and_humaneval(tmp_path):
 
 @pytest.mark.skipif(not HUMANEVAL.is_file(), reason=f"HumanEval not found at {HUMANEVAL} (shared data not here)")
 def test_the_oracle_fails_when_the_references_are_wrong(tmp_path):
-    """HumanEval with every canonical body replaced by ``return None``: the oracle reports it, so it checks something."""
+    """HumanEval with every canonical body replaced by ``return None``: the oracle reports it (it checks something)."""
     rows = [json.loads(line) for line in gzip.open(HUMANEVAL, "rt")]
     broken = tmp_path / "broken.jsonl"
     broken.write_text("".join(json.dumps(dict(r, canonical_solution="    return None\n")) + "\n" for r in rows))

@@ -18,6 +18,8 @@ sft:
   total: 200
   sources:
     - {name: math, generator: math, domain: math, weight: 1.0}
+preferences:
+  reasoning: {count: 40, generators: [math]}
 rl:
   math: {count: 200, generator: math}
 heldout: {math: 8}
@@ -109,7 +111,9 @@ def changed_parameters(before, after) -> list[str]:
 
 
 def records(out) -> list[dict]:
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    """The per-step metrics (event lines such as a reward model's retraining left out)."""
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if "event" not in r]
 
 
 @pytest.mark.parametrize("backend", ["hf", pytest.param("vllm", marks=pytest.mark.slow)])
@@ -178,6 +182,56 @@ def test_process_supervision_runs_on_a_process_reward_model(setup):
     assert result["stages"]["reasoning"]["config"]["supervision"] == "process"
     changed, names = changed_parameters(setup / "policy", out)
     assert len(changed) > len(names) // 2
+
+
+def test_iterative_rl_retrains_the_reward_model_on_fresh_samples_with_replay(setup):
+    """DeepSeekMath Alg. 1: after iteration 1 the reward model is trained on pairs from the policy's own groups
+    (ranked by a verifiable reward) plus 10% replay of its earlier pairs, and iteration 2 scores with it."""
+    from data_prep.tokenizer import load_tokenizer
+    from modeling import DeepseekV2Config, DeepseekV2ForSequenceClassification
+
+    tokenizer = load_tokenizer(setup / "policy")
+    config = DeepseekV2Config(vocab_size=len(tokenizer), bos_token_id=0, eos_token_id=1, pad_token_id=2,
+                              num_labels=1, **MODEL)
+    torch.manual_seed(2)
+    DeepseekV2ForSequenceClassification(config).save_pretrained(setup / "rm")
+    tokenizer.save_pretrained(setup / "rm")
+    toy = "tests.pipelines.grpo_toy_reward:has_digit"
+    out = setup / "iterative"
+    result = launch(setup, "hf", out, 4, "--reasoning.iterations", "2", "--reasoning.rewards",
+                    f'[{{name: "{toy}", weight: 1.0}}, {{name: reward_model, label: rm, path: "{setup / "rm"}", '
+                    f'weight: 0.1}}]', "--reasoning.retrain_reward_model",
+                    f'{{label: rm, labels_from: "{toy}", replay_from: reasoning, learning_rate: 1.0e-3}}')
+    events = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if '"event"' in line]
+    assert len(events) == 1 and events[0]["reward_model_retrained"] == 1 and events[0]["step"] == 2
+    fresh, replay = events[0]["fresh_pairs"], events[0]["replay_pairs"]
+    assert fresh > 0 and replay == round(fresh * 0.1 / 0.9)
+    retrained = out / "stages" / "reasoning" / "reward-model-iteration-1"
+    assert events[0]["reward_model_path"] == str(retrained)
+    before = DeepseekV2ForSequenceClassification.from_pretrained(setup / "rm").state_dict()
+    after = DeepseekV2ForSequenceClassification.from_pretrained(retrained).state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    rm_spec = [r for r in result["stages"]["reasoning"]["config"]["rewards"] if r["name"] == "reward_model"][0]
+    assert rm_spec["path"] == str(retrained)  # iteration 2 scored with the retrained model
+    from pipelines.tracking import read_metrics
+
+    assert len([r for r in read_metrics(out / "metrics.jsonl") if "reward" in r]) == 4  # no step replaced
+
+
+def test_retraining_settings_are_checked():
+    from pipelines.config import RecipeError
+    from pipelines.grpo import StageConfig
+
+    rm = {"name": "reward_model", "label": "rm", "path": "x"}
+    with pytest.raises(RecipeError, match="iterations >= 2"):
+        StageConfig(rewards=[rm], retrain_reward_model={"label": "rm", "labels_from": "math_accuracy",
+                                                        "replay_from": "reasoning"}).check("reasoning")
+    with pytest.raises(RecipeError, match="no reward_model entry"):
+        StageConfig(rewards=[rm], iterations=2, retrain_reward_model={
+            "label": "other", "labels_from": "math_accuracy", "replay_from": "reasoning"}).check("reasoning")
+    with pytest.raises(RecipeError, match="give labels_from"):
+        StageConfig(rewards=[rm], iterations=2, retrain_reward_model={
+            "label": "rm", "replay_from": "reasoning"}).check("reasoning")
 
 
 def test_step_ends_map_sentences_to_the_tokens_that_close_them():
