@@ -129,11 +129,12 @@ def matmul_gflops(dtype: torch.dtype, n: int = 2048, reps: int = 5, device=None)
     return 2 * n**3 / _median_seconds(lambda: a @ b, reps) / 1e9
 
 
-def kv_table(measured: dict[str, int], model: str) -> list[dict]:
-    """Cache bytes per token (all layers) per layout. ``measured``: the run model's figures from the caches."""
+def kv_table(measured: dict[str, int], model: str, run_config) -> list[dict]:
+    """Cache bytes per token (all layers) per layout. ``measured``: the run model's figures from its caches, whose
+    row uses the run's own config (``--layers`` may have cut it)."""
     rows = []
     for shape in SHAPES:
-        cfg = load_model_config(shape)
+        cfg = run_config if shape == model else load_model_config(shape)
         layers, heads = cfg.num_hidden_layers, cfg.num_attention_heads
         latent = (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * layers  # Table 1, MLA: (d_c + d_h^R) l
         official = heads * (cfg.qk_nope_head_dim + cfg.qk_rope_head_dim + cfg.v_head_dim) * layers
@@ -214,7 +215,7 @@ def main(argv=None) -> dict:
           f"6 x activated params per token): ours {100 * mfu['ours']:.1f}%  transformers "
           f"{100 * mfu['transformers']:.1f}%", flush=True)
 
-    kv = kv_table(measured, args.model)
+    kv = kv_table(measured, args.model, cfg)
     folder.cleanup()
     result = {"model": args.model, "parameters": total, "activated": active, "threads": torch.get_num_threads(),
               "decode": decode_rows, "train": train, "moe_block": moe, "matmul_gflops": peak, "mfu_fp32": mfu,

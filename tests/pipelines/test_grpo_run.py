@@ -164,17 +164,22 @@ def test_a_killed_run_continues_from_its_checkpoint_and_ends_where_an_uninterrup
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
 
 
-def test_process_supervision_runs_on_a_process_reward_model(setup):
-    """Step rewards from a process RM (here an untrained one: the plumbing, not the learning) drive the update."""
+def untrained_scorer(policy, folder, seed: int) -> None:
+    """A freshly initialised reward model (scalar head) of the policy's shape and tokenizer, saved to ``folder``."""
     from data_prep.tokenizer import load_tokenizer
     from modeling import DeepseekV2Config, DeepseekV2ForSequenceClassification
 
-    tokenizer = load_tokenizer(setup / "policy")
+    tokenizer = load_tokenizer(policy)
     config = DeepseekV2Config(vocab_size=len(tokenizer), bos_token_id=0, eos_token_id=1, pad_token_id=2,
                               num_labels=1, **MODEL)
-    torch.manual_seed(1)
-    DeepseekV2ForSequenceClassification(config).save_pretrained(setup / "prm")
-    tokenizer.save_pretrained(setup / "prm")
+    torch.manual_seed(seed)
+    DeepseekV2ForSequenceClassification(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+
+
+def test_process_supervision_runs_on_a_process_reward_model(setup):
+    """Step rewards from a process RM (here an untrained one: the plumbing, not the learning) drive the update."""
+    untrained_scorer(setup / "policy", setup / "prm", seed=1)
     out = setup / "process"
     result = launch(setup, "hf", out, 2, "--reasoning.supervision", "process",
                     "--reasoning.process_reward_model", str(setup / "prm"))
@@ -187,15 +192,9 @@ def test_process_supervision_runs_on_a_process_reward_model(setup):
 def test_iterative_rl_retrains_the_reward_model_on_fresh_samples_with_replay(setup):
     """DeepSeekMath Alg. 1: after iteration 1 the reward model is trained on pairs from the policy's own groups
     (ranked by a verifiable reward) plus 10% replay of its earlier pairs, and iteration 2 scores with it."""
-    from data_prep.tokenizer import load_tokenizer
-    from modeling import DeepseekV2Config, DeepseekV2ForSequenceClassification
+    from modeling import DeepseekV2ForSequenceClassification
 
-    tokenizer = load_tokenizer(setup / "policy")
-    config = DeepseekV2Config(vocab_size=len(tokenizer), bos_token_id=0, eos_token_id=1, pad_token_id=2,
-                              num_labels=1, **MODEL)
-    torch.manual_seed(2)
-    DeepseekV2ForSequenceClassification(config).save_pretrained(setup / "rm")
-    tokenizer.save_pretrained(setup / "rm")
+    untrained_scorer(setup / "policy", setup / "rm", seed=2)
     toy = "tests.pipelines.grpo_toy_reward:has_digit"
     out = setup / "iterative"
     result = launch(setup, "hf", out, 4, "--reasoning.iterations", "2", "--reasoning.rewards",
