@@ -105,27 +105,24 @@ class CodeExecution:
         return rewards
 
     def _tests(self, row_tests, entry_point, row: int) -> list[str]:
-        """The row's tests as sources to run one by one. A HumanEval test program (it defines ``check(candidate)``)
-        is only a definition: with an ``entry_point`` it is split into one test per assert (or ``check(entry_point)``
-        appended), whether it comes as a string or as an item of a list (``data_prep.load`` gives ``[program]``)."""
+        """The row's tests as sources to run one by one: one program (str) or a list of sources (MBPP asserts;
+        ``data_prep.load`` gives a HumanEval program as ``[program]``). A HumanEval test program only defines
+        ``check(candidate)``: with an ``entry_point`` it is split into one test per assert (or ``check(entry_point)``
+        appended); anything else runs as it is."""
         if row_tests is None:
             return []
-        if isinstance(row_tests, str):
-            if not entry_point:
-                return [row_tests]  # one test program, run as is
-            return self._humaneval(row_tests, entry_point)
-        if not all(isinstance(t, str) for t in row_tests):
+        sources = [row_tests] if isinstance(row_tests, str) else list(row_tests)
+        if not all(isinstance(t, str) for t in sources):
             raise TypeError(f"code_execution: tests[{row}] must be a test program (str) or a list of test "
                             f"sources (list[str]), got {type(row_tests).__name__} of other items")
         out = []
-        for source in row_tests:
-            out += self._humaneval(source, entry_point) if entry_point and DEFINES_CHECK.search(source) else [source]
+        for source in sources:
+            if entry_point and DEFINES_CHECK.search(source):
+                out += (humaneval_tests(source, entry_point) if self.split_humaneval
+                        else [source + f"\n\ncheck({entry_point})\n"])
+            else:
+                out.append(source)
         return out
-
-    def _humaneval(self, program: str, entry_point: str) -> list[str]:
-        if self.split_humaneval:
-            return list(humaneval_tests(program, entry_point))
-        return [program + f"\n\ncheck({entry_point})\n"]
 
 
 code_execution = CodeExecution()
