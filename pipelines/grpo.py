@@ -300,7 +300,11 @@ class StageRunner:
                            if cfg.supervision == "process" else None)
         self.settings = SamplingSettings(cfg.temperature, cfg.top_p, cfg.max_new_tokens)  # the stage's sampling
         retrain = cfg.retrain_reward_model
-        self.labeller = rewards.get(retrain["labels_from"]) if retrain else None
+        # the labels of the reward model's fresh pairs: the stage's own reward of that name when it has one (its
+        # values are already computed), else that reward called on its own
+        self.labels_from = retrain["labels_from"] if retrain else None
+        self.labeller = (rewards.get(self.labels_from) if retrain and self.labels_from not in self.reward.rewards
+                         else None)
         self.fresh_pairs: list[dict] = []  # this iteration's preference pairs, for the reward model (iterative RL)
         self.optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.learning_rate, betas=(0.9, 0.95),
                                            weight_decay=0.0)
@@ -340,9 +344,10 @@ class StageRunner:
             for key, value in self.reward.last_metrics.items():
                 per_reward.setdefault(key, []).append(value)
             steps = (self.process_rm.step_scores(rows["prompt"], samples.texts) if self.process_rm else None)
-            if self.labeller is not None:
-                self._collect_pairs(rows["prompt"], samples.texts, self.labeller(
-                    prompts=rows["prompt"], completions=samples.texts, **columns), G)
+            if self.labels_from is not None:
+                labels = (self.labeller(prompts=rows["prompt"], completions=samples.texts, **columns)
+                          if self.labeller is not None else self.reward.last_values[self.labels_from])
+                self._collect_pairs(rows["prompt"], samples.texts, labels, G)
             t_score += time.perf_counter() - start
             truncated += sum(samples.truncated)
             lengths += sum(len(c) for c in samples.completion_ids)
@@ -387,9 +392,12 @@ class StageRunner:
         return Batch(kept_prompts, completions, sampler[:n], advantages, kept_rewards, metrics)
 
     def _collect_pairs(self, prompts, texts: list[str], labels: list[float], G: int) -> None:
-        """Per group whose labels differ: (its best completion, its worst) as a preference pair."""
+        """Per group whose labels differ: (its best completion, its worst) as a preference pair. Completions the
+        labelling reward does not apply to (None) are left out."""
         for g in range(len(texts) // G):
-            block = range(g * G, (g + 1) * G)
+            block = [i for i in range(g * G, (g + 1) * G) if labels[i] is not None]
+            if len(block) < 2:
+                continue
             best, worst = max(block, key=lambda i: labels[i]), min(block, key=lambda i: labels[i])
             if labels[best] > labels[worst]:
                 self.fresh_pairs.append({"prompt": prompts[g * G],
