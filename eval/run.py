@@ -119,11 +119,10 @@ def draw(generator, tokenizer, task: Task, args: EvalArguments) -> list[str]:
 
 def _write_replies(path: Path, task: Task, replies: list[str], scores: list[float]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    n = task.samples
+    n, ids, prompts = task.samples, task.rows["id"], task.rows["prompt"]
     with path.open("w") as f:
         for j, (reply, value) in enumerate(zip(replies, scores)):
-            row = task.rows[j // n]
-            f.write(json.dumps({"id": row["id"] or str(j // n), "prompt": row["prompt"][-1]["content"],
+            f.write(json.dumps({"id": ids[j // n] or str(j // n), "prompt": prompts[j // n][-1]["content"],
                                 "reply": reply, "score": value}) + "\n")
 
 
@@ -194,13 +193,13 @@ def evaluate_checkpoints(args: EvalArguments, checkpoints: dict[str, str], tasks
     return results, seconds, safety_replies
 
 
-def rm_win_rates(args: EvalArguments, safety_replies: dict, baseline: str) -> dict:
+def rm_win_rates(reward_models: dict[str, str], safety_replies: dict, baseline: str) -> dict:
     import rewards
 
     if not safety_replies:
         raise RecipeError("rm_winrate scores the replies to the held-out safety prompts: add safety to tasks")
     out = {}
-    for rm_name, path in named(args.reward_models, "reward model").items():
+    for rm_name, path in reward_models.items():
         scorer = rewards.get("reward_model", path=path)
         scores = {ckpt: scorer(prompts=list(prompts), completions=list(replies))
                   for ckpt, (prompts, replies) in safety_replies.items()}
@@ -226,10 +225,11 @@ def main(argv=None) -> dict:
         if "rm_winrate" in args.tasks and not args.reward_models:
             raise RecipeError("task rm_winrate needs reward_models: [NAME=FOLDER, ...]")
         checkpoints = named(args.checkpoints, "checkpoint")
-        named(args.reward_models, "reward model")
+        reward_models = named(args.reward_models, "reward model")  # checked before hours of generation
         tasks = build_tasks(args)
         results, seconds, safety_replies = evaluate_checkpoints(args, checkpoints, tasks)
-        rm = rm_win_rates(args, safety_replies, next(iter(checkpoints))) if "rm_winrate" in args.tasks else {}
+        rm = (rm_win_rates(reward_models, safety_replies, next(iter(checkpoints))) if "rm_winrate" in args.tasks
+              else {})
     sources = {"gsm8k": args.gsm8k, "humaneval": args.humaneval, "mbpp": args.mbpp}
     report = {
         "checkpoints": checkpoints, "baseline": next(iter(checkpoints)), "oracle": args.oracle,

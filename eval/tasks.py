@@ -20,6 +20,7 @@ solution, HumanEval's canonical solution): the oracle mode scores them in place 
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,6 +31,7 @@ from data_prep.generators.safety import is_refusal
 from rewards.math import score as math_score
 
 KINDS = ("math", "code", "safety")
+LEVEL = re.compile(r"/L(\d+)/")  # generated math ids carry their difficulty: heldout/math/L3/17
 
 
 @dataclass
@@ -67,7 +69,7 @@ def file_task(name: str, path: str, kind: str, n: int | None, samples: int = 1) 
     rows = _first(load(path, kind="rl_prompts"), n)
     try:
         references = [m[-1]["content"] for m in _first(load(path, kind="conversations"), n)["messages"]]
-    except Exception:  # noqa: BLE001 - a prompt-only format: no oracle for it, said when the oracle is asked for
+    except ValueError:  # a prompt-only format (DataError is a ValueError): no oracle for it, said when it is asked for
         references = None
     return Task(name, kind, rows, samples, references)
 
@@ -89,9 +91,9 @@ def score_math(task: Task, replies: list[str]) -> tuple[dict, list[float]]:
     metrics = {"exact_match": sum(correct) / len(correct), "n": len(correct)}
     levels: dict[str, list[float]] = {}
     for row_id, c in zip(task.rows["id"], correct):
-        part = next((p for p in row_id.split("/") if len(p) == 2 and p[0] == "L" and p[1].isdigit()), None)
-        if part:
-            levels.setdefault(part, []).append(c)
+        level = LEVEL.search(row_id or "")
+        if level:
+            levels.setdefault(f"L{level.group(1)}", []).append(c)
     for level, values in sorted(levels.items()):
         metrics[f"exact_match_{level}"] = sum(values) / len(values)
     return metrics, correct
@@ -101,18 +103,17 @@ def score_code(task: Task, replies: list[str], ks=(1,)) -> tuple[dict, list[floa
     """``replies``: ``task.samples`` per row, a row's samples adjacent. A sample passes when every test passes."""
     import rewards
 
-    n = task.samples
-    rows = task.rows
-    expand = [i for i in range(len(rows)) for _ in range(n)]
+    n, rows = task.samples, len(task.rows)
+    tests, entry_points, prefixes = (task.rows[c] for c in ("tests", "entry_point", "code_prefix"))
+    expand = [i for i in range(rows) for _ in range(n)]
     fractions = rewards.get("code_execution")(
-        replies, tests=[rows[i]["tests"] for i in expand], entry_point=[rows[i]["entry_point"] for i in expand],
-        code_prefix=[rows[i]["code_prefix"] or None for i in expand])
+        replies, tests=[tests[i] for i in expand], entry_point=[entry_points[i] for i in expand],
+        code_prefix=[prefixes[i] or None for i in expand])
     passed = [f == 1.0 for f in fractions]
-    metrics = {"n": len(rows), "samples": n, "tests_passed": sum(f or 0.0 for f in fractions) / len(fractions)}
+    metrics = {"n": rows, "samples": n, "tests_passed": sum(f or 0.0 for f in fractions) / len(fractions)}
     for k in ks:
         if k <= n:
-            metrics[f"pass@{k}"] = sum(pass_at_k(n, sum(passed[i * n:(i + 1) * n]), k)
-                                       for i in range(len(rows))) / len(rows)
+            metrics[f"pass@{k}"] = sum(pass_at_k(n, sum(passed[i * n:(i + 1) * n]), k) for i in range(rows)) / rows
     return metrics, [float(p) for p in passed]
 
 

@@ -6,6 +6,7 @@
   replies in the trained format (steps, then "The answer is N."), and exact match per difficulty level;
 * safety: refusal rate on held-out harmful requests and answer rate (not refusing) on their benign look-alikes,
   with ``data_prep.generators.safety.is_refusal``, the detector the safety data were written against.
+Both are scored by ``eval.tasks`` (the evaluation suite's scorers), under the names the SFT and GRPO runs report.
 
 Batched greedy ``generate`` with left padding (our model decodes from its latent cache). The full evaluation suite
 (``eval/``) is a separate step; this is what the SFT run reports in its model card.
@@ -17,17 +18,14 @@ import argparse
 import json
 import re
 import time
-from collections import defaultdict
 from pathlib import Path
 
 import torch
 from datasets import load_from_disk
 
-from data_prep.generators.safety import is_refusal
-from rewards.math import score
+from eval.tasks import Task, score_math, score_safety
 
 TRAINED_MATH_FORMAT = re.compile(r"(?:^|\s)The answer is -?\d+\.$")  # how every generated solution ends
-LEVEL = re.compile(r"/L(\d+)/")  # held-out math ids look like heldout/math/L3/17
 
 
 @torch.no_grad()
@@ -56,32 +54,27 @@ def greedy_replies(model, tokenizer, prompts: list[list[dict]], batch_size: int 
 
 
 def math_metrics(replies: list[str], data) -> dict:
-    """Exact match (overall and per level), share in the trained format, and a few examples, of ``replies`` to the
-    held-out math rows ``data``."""
-    correct = [score(r, str(gold)) for r, gold in zip(replies, data["answer"])]
-    by_level = defaultdict(list)
-    for row_id, c in zip(data["id"], correct):
-        level = LEVEL.search(row_id)
-        by_level[f"L{level.group(1)}" if level else "all"].append(c)
+    """Exact match (overall and per level; ``eval.tasks.score_math``), share in the trained format, and a few
+    examples, of ``replies`` to the held-out math rows ``data``."""
+    scored, _ = score_math(Task("math", "math", data), replies)
     return dict(
-        math_n=len(replies),
-        math_exact_match=sum(correct) / len(replies),
+        math_n=scored["n"],
+        math_exact_match=scored["exact_match"],
         math_trained_format=sum(bool(TRAINED_MATH_FORMAT.search(r)) for r in replies) / len(replies),
-        math_exact_match_by_level={k: round(sum(v) / len(v), 4) for k, v in sorted(by_level.items())},
+        math_exact_match_by_level={k.removeprefix("exact_match_"): round(v, 4) for k, v in scored.items()
+                                   if k.startswith("exact_match_")},
         math_examples=[{"prompt": p[-1]["content"], "reply": r, "gold": g}
                        for p, r, g in list(zip(data["prompt"], replies, data["answer"]))[:5]],
     )
 
 
 def safety_metrics(replies: list[str], data) -> dict:
-    """Refusal rate on the harmful rows of ``data`` and answer rate on their benign look-alikes."""
-    refused = [is_refusal(r) for r in replies]
-    harmful = [x for x, want in zip(refused, data["answer"]) if want == "refuse"]
-    benign = [not x for x, want in zip(refused, data["answer"]) if want == "comply"]
+    """Refusal rate on the harmful rows of ``data`` and answer rate on their benign look-alikes
+    (``eval.tasks.score_safety``)."""
+    scored, _ = score_safety(Task("safety", "safety", data), replies)
     return dict(
-        safety_harmful_n=len(harmful), safety_benign_n=len(benign),
-        safety_harmful_refusal_rate=sum(harmful) / max(1, len(harmful)),
-        safety_benign_answer_rate=sum(benign) / max(1, len(benign)),
+        safety_harmful_n=scored["harmful_n"], safety_benign_n=scored["benign_n"],
+        safety_harmful_refusal_rate=scored["harmful_refused"], safety_benign_answer_rate=scored["benign_answered"],
     )
 
 
