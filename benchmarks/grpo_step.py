@@ -105,15 +105,9 @@ def run_trl(policy: Path, data: Path, args, out: Path) -> dict:
                           processing_class=tokenizer, callbacks=[StepClock()])
     trainer.train()
     steps = len(step_seconds)
-    gen = [sum(generation_seconds[i::steps]) for i in range(steps)] if len(generation_seconds) == steps else \
-        _per_step(generation_seconds, steps)
+    per = len(generation_seconds) // steps  # TRL may call generate more than once per step
+    gen = [sum(generation_seconds[i * per:(i + 1) * per]) for i in range(steps)]
     return _summary(step_seconds, gen, SCORING_SECONDS[-steps:], completions)
-
-
-def _per_step(values: list[float], steps: int) -> list[float]:
-    """Generation calls split evenly over the steps (TRL may call generate more than once per step)."""
-    per = len(values) // steps
-    return [sum(values[i * per:(i + 1) * per]) for i in range(steps)]
 
 
 def _summary(step: list[float], gen: list[float], score: list[float], completions: int) -> dict:
