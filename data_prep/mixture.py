@@ -1,7 +1,9 @@
 """Build a data mixture from a YAML spec: SFT conversations, preference pairs, RL prompts, held-out sets.
 
 The spec (``recipes/data/*.yaml``) names sources with a domain and a ``count`` or a ``weight`` of ``sft.total``;
-sampling is deterministic given ``seed``. Held-out sets are drawn first, and no training, preference or RL row
+sampling is deterministic given ``seed``. Generators draw with the recipe's ``generators.<name>`` parameters, which
+an SFT source or an RL set may override with its own ``params`` (the tiny recipe's SFT math leans on the easy
+levels while held-out sets keep the recipe's mix). Held-out sets are drawn first, and no training, preference or RL row
 may share a held-out prompt (compared after ``dedup.normalize``): such draws are rejected and counted, and the
 finished build is checked again. Exact duplicates are removed (all sources), near duplicates for file sources,
 and file sources are decontaminated against the held-out sets and ``decontaminate.against`` files by n-gram
@@ -56,6 +58,7 @@ class Source:
     on_error: str = "raise"
     near_dedup: bool | None = None  # default: on for files, off for generators
     dedup: bool = True  # exact-duplicate removal; small template spaces may opt out to reach their count
+    params: dict | None = None  # generator parameters for this source only, over the recipe's generators.<name>
 
 
 @dataclass
@@ -73,6 +76,11 @@ class MixtureSpec:
     decontaminate_against: list[str] = field(default_factory=list)
     tokenizer: dict = field(default_factory=lambda: {"train": True, "vocab_size": 2048})
     generators: dict = field(default_factory=dict)  # domain -> parameters of its generator, for every set
+
+    def generator_params(self, name: str, own: dict | None = None) -> dict:
+        """The parameters a set draws generator ``name`` with: the recipe's ``generators.<name>``, updated by the
+        set's own ``params``."""
+        return {**(self.generators.get(name) or {}), **(own or {})}
 
 
 def load_spec(path: str | Path) -> MixtureSpec:
@@ -107,11 +115,25 @@ def load_spec(path: str | Path) -> MixtureSpec:
             raise SpecError(path, where, "give exactly one of generator: or path:")
         if source.generator is not None and source.generator not in DOMAINS:
             raise SpecError(path, f"{where}.generator", f"{source.generator!r} is not one of {DOMAINS}")
+        if source.params is not None:
+            if source.generator is None:
+                raise SpecError(path, f"{where}.params", "generator parameters need generator:")
+            try:
+                generator(source.generator, **spec.generator_params(source.generator, source.params))(random.Random(0))
+            except (ValueError, TypeError) as e:
+                raise SpecError(path, f"{where}.params", str(e)) from e
         if (source.count is None) == (source.weight is None):
             raise SpecError(path, where, "give exactly one of count: or weight:")
         if source.weight is not None and not spec.sft_total:
             raise SpecError(path, where, "weight: needs sft.total")
         spec.sources.append(source)
+    for name, entry in spec.rl.items():
+        if entry.get("params") is not None:
+            try:
+                generator(entry.get("generator"), **spec.generator_params(entry.get("generator"), entry["params"]))(
+                    random.Random(0))
+            except (ValueError, TypeError) as e:
+                raise SpecError(path, f"rl.{name}.params", str(e)) from e
     for rm in spec.preferences:
         if rm not in PREFERENCE_MODELS:
             raise SpecError(path, f"preferences.{rm}", f"expected one of {PREFERENCE_MODELS}")
@@ -156,9 +178,12 @@ class Builder:
         self.report: dict = {"name": spec.name, "seed": spec.seed, "rejected_heldout_overlap": Counter()}
 
     # -- generated rows -------------------------------------------------------------------------------------
-    def _draw(self, names: list[str], count: int, rng: random.Random, label: str, accept=None, unique=True):
-        """``count`` generated examples, none with a held-out prompt, and (``unique``) no repeated prompt + reply."""
-        samplers = [generator(n, **(self.spec.generators.get(n) or {})) for n in names]
+    def _draw(self, names: list[str], count: int, rng: random.Random, label: str, accept=None, unique=True,
+              params: dict | None = None):
+        """``count`` generated examples, none with a held-out prompt, and (``unique``) no repeated prompt + reply;
+        ``params`` replaces the recipe's generator parameters (one generator only)."""
+        samplers = [generator(n, **(params if params is not None else self.spec.generators.get(n) or {}))
+                    for n in names]
         seen, out, draws, last_new, duplicates = set(), [], 0, 0, 0
         while len(out) < count and draws < MAX_DRAWS_PER_ROW * count and draws - last_new < STALL_DRAWS:
             draws += 1
@@ -222,8 +247,10 @@ class Builder:
             want = _target(self.spec, source)
             if source.generator:
                 rng = _rng(self.spec.seed, "sft", source.name)
-                drawn = self._draw([source.generator], want, rng, f"sft/{source.name}", unique=source.dedup)
-                new = [_conversation(e, source.name, f"{source.name}/{i}") for i, e in enumerate(drawn)]
+                drawn = self._draw([source.generator], want, rng, f"sft/{source.name}", unique=source.dedup,
+                                   params=self.spec.generator_params(source.generator, source.params))
+                new = [{**_conversation(e, source.name, f"{source.name}/{i}"), "domain": source.domain}
+                       for i, e in enumerate(drawn)]
             else:
                 if decon is None:
                     decon = self._decontaminator()
@@ -303,8 +330,8 @@ class Builder:
         sets = {}
         for name, entry in self.spec.rl.items():
             rng = _rng(self.spec.seed, "rl", name)
-            drawn = self._draw([entry["generator"]], entry["count"], rng, f"rl/{name}",
-                               unique=entry.get("dedup", True))
+            drawn = self._draw([entry["generator"]], entry["count"], rng, f"rl/{name}", unique=entry.get("dedup", True),
+                               params=self.spec.generator_params(entry["generator"], entry.get("params")))
             sets[name] = _columns([_rl_row(e, "generated", f"{name}/{i}") for i, e in enumerate(drawn)],
                                   "rl_prompts")
         return sets

@@ -41,9 +41,9 @@ tokenizer: {{train: false}}
 """
 
 
-def _build(tmp_path, seed=0, extra="", save=False):
+def _build(tmp_path, seed=0, extra="", save=False, spec=SPEC):
     path = tmp_path / f"mix{seed}.yaml"
-    path.write_text(SPEC.format(seed=seed, extra=extra))
+    path.write_text(spec.format(seed=seed, extra=extra))
     return Builder(load_spec(path), tmp_path / f"out{seed}").build(save=save)
 
 
@@ -156,6 +156,11 @@ def test_file_sources_are_deduplicated_and_decontaminated(tmp_path, built):
     ("sft: {total: 10, sources: [{name: a, generator: math, domain: x, count: 1, weight: 0.5}]}", "sft.sources[0]"),
     ("sft: {sources: [{name: a, generator: math, domain: x, weight: 0.5}]}", "sft.sources[0]"),
     ("preferences: {style: {count: 1, generators: [math]}}", "preferences.style"),
+    ("sft: {total: 10, sources: [{name: a, generator: math, domain: x, count: 1, params: {level_weights: {9: 1}}}]}",
+     "sft.sources[0].params"),
+    ("sft: {total: 10, sources: [{name: a, generator: math, domain: x, count: 1, params: {colour: red}}]}",
+     "sft.sources[0].params"),
+    ("rl: {math: {count: 1, generator: math, params: {level_weights: {1: -1}}}}", "rl.math.params"),
 ])
 def test_spec_errors_name_the_file_and_field(tmp_path, body, field):
     path = tmp_path / "bad.yaml"
@@ -177,3 +182,20 @@ def test_heldout_conversations_pair_each_heldout_prompt_with_its_reference_reply
             assert messages[-2]["content"] == row["prompt"][-1]["content"] and messages[-1]["role"] == "assistant"
             if domain == "math":
                 assert messages[-1]["content"].endswith(f"The answer is {row['answer']}.")
+
+
+def test_a_set_draws_with_its_own_generator_params_and_the_other_sets_keep_the_recipe_s(tmp_path):
+    """A math source (and an RL set) whose params ask for level 1 only gives one-digit problems, and its rows carry
+    the source's domain; held-out math keeps the recipe's level mix."""
+    extra = "    - {name: basics, generator: math, domain: arithmetic, count: 60, params: {level_weights: {1: 1.0}}}"
+    spec = SPEC.replace("math: {{count: 100, generator: math}}",
+                        "math: {{count: 100, generator: math, params: {{level_weights: {{1: 1.0}}}}}}")
+    built = _build(tmp_path, extra=extra, spec=spec)
+    basics = [m for m, s in zip(built["sft"]["messages"], built["sft"]["source"]) if s == "basics"]
+    assert len(basics) == 60 and built["report"]["sft_domains"]["arithmetic"] == 60
+    for messages in basics:
+        assert re.fullmatch(r"\d [-+] \d = \d+\. The answer is \d+\.", messages[-1]["content"]), messages[-1]
+    for prompt in built["rl"]["math"]["prompt"]:
+        assert re.search(r"(?<!\d)\d [-+] \d(?!\d)", prompt[-1]["content"]), prompt
+    held_levels = {re.search(r"/L(\d)/", i)[1] for i in built["heldout"]["math"]["id"]}
+    assert held_levels == {"1", "2", "3", "4", "5"}
