@@ -23,6 +23,7 @@ import dataclasses
 import json
 import logging
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -85,11 +86,16 @@ def _sub_config(config: RewardConfig, name: str, **changes) -> RewardConfig:
     return dataclasses.replace(config, output_dir=str(Path(config.output_dir) / name), run_name=name, **changes)
 
 
-def pairwise_accuracy(path: str, data: Dataset) -> float:
+def pairwise_accuracy(path: str, data: Dataset) -> tuple[float, dict[str, float]]:
+    """The share of pairs whose chosen reply the reward model scores above the rejected one, overall and per
+    domain of the pair (the reasoning RM's pairs come from math, code and reasoning)."""
     scorer = RewardModelScorer(path)
     chosen = scorer(prompts=data["prompt"], completions=data["chosen"])
     rejected = scorer(prompts=data["prompt"], completions=data["rejected"])
-    return sum(c > r for c, r in zip(chosen, rejected)) / len(data)
+    right, count = Counter(), Counter(data["domain"])
+    for c, r, domain in zip(chosen, rejected, data["domain"]):
+        right[domain] += c > r
+    return sum(right.values()) / len(data), {d: round(right[d] / n, 4) for d, n in sorted(count.items())}
 
 
 def train_outcome_rm(name, args, config, tokenizer) -> dict:
@@ -108,9 +114,9 @@ def train_outcome_rm(name, args, config, tokenizer) -> dict:
     result = trainer.train()
     trainer.save_model(sub.output_dir)
     tokenizer.save_pretrained(sub.output_dir)
-    accuracy = pairwise_accuracy(sub.output_dir, held_out)
+    accuracy, by_domain = pairwise_accuracy(sub.output_dir, held_out)
     return {"train_pairs": len(train), "held_out_pairs": len(held_out), "train_loss": result.training_loss,
-            "pairwise_accuracy": accuracy, "path": sub.output_dir}
+            "pairwise_accuracy": accuracy, "pairwise_accuracy_by_domain": by_domain, "path": sub.output_dir}
 
 
 def train_process_rm(args, config, tokenizer) -> dict:

@@ -24,6 +24,8 @@ process: {count: 140}
 heldout: {math: 50}
 tokenizer: {train: true, vocab_size: 400}
 """
+# the domains of each preference set's pairs (generators named above; safety pairs train the helpful RM too)
+DOMAINS = {"reasoning": ["math", "reasoning"], "helpful": ["general", "writing"], "safety": ["safety"]}
 
 
 @pytest.fixture(scope="module")
@@ -49,6 +51,10 @@ def test_reward_models_train_and_load_by_path(data_dir, objective):
     for name in names:
         assert saved[name]["train_pairs"] == 100 and saved[name]["held_out_pairs"] == 40
         assert 0.0 <= saved[name]["pairwise_accuracy"] <= 1.0
+        # per domain of the held-out pairs (the overall accuracy is their weighted mean)
+        by_domain = saved[name]["pairwise_accuracy_by_domain"]
+        assert set(by_domain) == set(DOMAINS[name]) and all(0.0 <= a <= 1.0 for a in by_domain.values())
+        assert min(by_domain.values()) - 1e-9 <= saved[name]["pairwise_accuracy"] <= max(by_domain.values()) + 1e-9
     # refusals vs compliance are learnable from 100 pairs
     assert saved["safety"]["pairwise_accuracy"] >= 0.8
     if objective == "pairwise":
