@@ -41,7 +41,8 @@ def render(path: str | Path, recipe: dict, stages: dict[str, dict], evaluation: 
         "| domain | conversations |", "|---|---:|",
         *[f"| {d} | {n} |" for d, n in sorted(domains.items())], "",
         "Held-out sets (never trained on; prompts checked for overlap): "
-        + ", ".join(f"{k.split('/', 1)[1]} {v}" for k, v in counts.items() if k.startswith("heldout/")) + ".", "",
+        + ", ".join(f"{k.split('/', 1)[1]} {v}" for k, v in counts.items()
+                    if k.startswith("heldout/") and k != "heldout/chat") + ".", "",  # chat: the same prompts again
         "## Training", "",
         "| stage | loss on | steps | tokens | learning rate | final loss | final aux_loss | time |",
         "|---|---|---:|---:|---:|---:|---:|---:|",

@@ -48,6 +48,8 @@ def test_the_run_records_both_stages_and_the_balance_loss(finished):
     assert result["eval"]["math_n"] == 8 and result["eval"]["safety_harmful_n"] + result["eval"]["safety_benign_n"] == 8
     card = (finished / "README.md").read_text()
     assert "math exact match" in card and "| sft | assistant replies | 24 |" in card
+    # the held-out sets the data build made, each once (heldout/chat repeats their prompts with replies)
+    assert "Held-out sets (never trained on; prompts checked for overlap): math 16, safety 16." in card
 
 
 ALONE = """
