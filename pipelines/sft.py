@@ -221,6 +221,11 @@ def main(argv=None) -> dict:
             rows["pretrain"] = rows["sft"]
             if script_args.pretrain_domains:
                 wanted = set(script_args.pretrain_domains)
+                have = set(conversations.unique("domain"))
+                if wanted - have:  # an empty selection would otherwise pretrain on nothing (or, cached, on all)
+                    raise RecipeError(f"{recipe_path}: pretrain_domains: {sorted(wanted - have)} not in the data's "
+                                      f"domains {sorted(have)} ({data_dir}/sft; on the command line: "
+                                      "--pretrain_domains math code)")
                 subset = conversations.filter(lambda d: d in wanted, input_columns="domain")
                 rows["pretrain"] = tokenize_for_sft(subset, tokenizer, args.max_length, packing=args.packing,
                                                     overlong=script_args.overlong, cache_dir=data_dir / "tokenized")

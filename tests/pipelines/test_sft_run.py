@@ -134,3 +134,13 @@ def test_two_processes_under_ddp(finished, mini_data, tmp_path):
     assert sft[-1]["epoch"] == pytest.approx(2 * single[-1]["epoch"], rel=0.05)
     assert sft[-1]["num_tokens"] == pytest.approx(2 * single[-1]["num_tokens"], rel=0.1)
     assert torch.isfinite(torch.tensor([r["aux_loss"] for r in sft])).all()
+
+
+def test_pretrain_domains_the_data_lacks_are_refused_before_training(mini_data, tmp_path):
+    """A typo or a YAML list given as one string names the missing domains instead of training on the wrong rows."""
+    out = tmp_path / "typo"
+    done = subprocess.run(sft_command(mini_data, out, "--pretrain_domains", "[math, code]"), cwd=REPO, env=ENV,
+                          capture_output=True, text=True, timeout=240)
+    assert done.returncode != 0
+    assert "pretrain_domains: ['[math, code]'] not in the data's domains" in done.stderr
+    assert not list(out.glob("stages/*/checkpoint-*"))
