@@ -78,6 +78,9 @@ def pack(lengths: list[int], max_len: int) -> list[list[int]]:
 
 def fingerprint(dataset: Dataset, tokenizer, **settings) -> str:
     h = hashlib.sha256()
+    # the row count and whether rows are selected: an empty selection's indices table adds no buffer bytes, so
+    # without these it would share the whole dataset's key
+    h.update(f"{len(dataset)}:{dataset._indices is not None}".encode())
     tables = [dataset.data.table]
     if dataset._indices is not None:  # select / filter / shuffle keep the whole table and add an indices mapping
         tables.append(dataset._indices.table)

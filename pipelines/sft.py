@@ -222,7 +222,7 @@ def main(argv=None) -> dict:
             if script_args.pretrain_domains:
                 wanted = set(script_args.pretrain_domains)
                 have = set(conversations.unique("domain"))
-                if wanted - have:  # an empty selection would otherwise pretrain on nothing (or, cached, on all)
+                if wanted - have:  # a misspelt domain would otherwise select fewer rows, or none
                     raise RecipeError(f"{recipe_path}: pretrain_domains: {sorted(wanted - have)} not in the data's "
                                       f"domains {sorted(have)} ({data_dir}/sft; on the command line: "
                                       "--pretrain_domains math code)")

@@ -116,3 +116,14 @@ def test_tokenized_data_is_cached_by_fingerprint(tokenizer, corpus, tmp_path):
     assert again["input_ids"] == first["input_ids"] and len(list(tmp_path.iterdir())) == 1
     tokenize_for_sft(data, tokenizer, max_seq_len=64, cache_dir=tmp_path, overlong="truncate")
     assert len(list(tmp_path.iterdir())) == 2  # other settings, other entry
+
+
+def test_a_selection_of_the_data_gets_its_own_cache_entry_even_when_empty(tokenizer, corpus, tmp_path):
+    """A filtered dataset keeps the whole table plus an indices mapping; an empty mapping has no bytes to hash, and it
+    used to share the whole dataset's cache entry (so selecting no rows gave back every row)."""
+    data = _dataset(corpus)
+    whole = tokenize_for_sft(data, tokenizer, max_seq_len=256, cache_dir=tmp_path)
+    none = tokenize_for_sft(data.filter(lambda _: False), tokenizer, max_seq_len=256, cache_dir=tmp_path)
+    some = tokenize_for_sft(data.select(range(3)), tokenizer, max_seq_len=256, cache_dir=tmp_path)
+    assert len(whole) > 0 and len(none) == 0 and 0 < len(some) < len(whole)
+    assert len(list(tmp_path.iterdir())) == 3
