@@ -100,11 +100,8 @@ def load_spec(path: str | Path) -> MixtureSpec:
                        decontaminate_against=(raw.get("decontaminate") or {}).get("against", []),
                        tokenizer=raw.get("tokenizer") or {"train": True, "vocab_size": 2048},
                        generators=raw.get("generators") or {})
-    for domain, params in spec.generators.items():
-        try:
-            generator(domain, **(params or {}))(random.Random(0))
-        except (ValueError, TypeError) as e:
-            raise SpecError(path, f"generators.{domain}", str(e)) from e
+    for domain in spec.generators:
+        _check_params(spec, f"generators.{domain}", domain)
     for i, entry in enumerate(sft.get("sources") or []):
         where = f"sft.sources[{i}]"
         try:
@@ -118,10 +115,7 @@ def load_spec(path: str | Path) -> MixtureSpec:
         if source.params is not None:
             if source.generator is None:
                 raise SpecError(path, f"{where}.params", "generator parameters need generator:")
-            try:
-                generator(source.generator, **spec.generator_params(source.generator, source.params))(random.Random(0))
-            except (ValueError, TypeError) as e:
-                raise SpecError(path, f"{where}.params", str(e)) from e
+            _check_params(spec, f"{where}.params", source.generator, source.params)
         if (source.count is None) == (source.weight is None):
             raise SpecError(path, where, "give exactly one of count: or weight:")
         if source.weight is not None and not spec.sft_total:
@@ -129,15 +123,19 @@ def load_spec(path: str | Path) -> MixtureSpec:
         spec.sources.append(source)
     for name, entry in spec.rl.items():
         if entry.get("params") is not None:
-            try:
-                generator(entry.get("generator"), **spec.generator_params(entry.get("generator"), entry["params"]))(
-                    random.Random(0))
-            except (ValueError, TypeError) as e:
-                raise SpecError(path, f"rl.{name}.params", str(e)) from e
+            _check_params(spec, f"rl.{name}.params", entry.get("generator"), entry["params"])
     for rm in spec.preferences:
         if rm not in PREFERENCE_MODELS:
             raise SpecError(path, f"preferences.{rm}", f"expected one of {PREFERENCE_MODELS}")
     return spec
+
+
+def _check_params(spec: MixtureSpec, where: str, name: str, own: dict | None = None) -> None:
+    """Draw once from generator ``name`` with the parameters a set would use; a bad one is a SpecError at ``where``."""
+    try:
+        generator(name, **spec.generator_params(name, own))(random.Random(0))
+    except (ValueError, TypeError) as e:
+        raise SpecError(spec.path, where, str(e)) from e
 
 
 def _target(spec: MixtureSpec, source: Source) -> int:
@@ -182,8 +180,7 @@ class Builder:
               params: dict | None = None):
         """``count`` generated examples, none with a held-out prompt, and (``unique``) no repeated prompt + reply;
         ``params`` replaces the recipe's generator parameters (one generator only)."""
-        samplers = [generator(n, **(params if params is not None else self.spec.generators.get(n) or {}))
-                    for n in names]
+        samplers = [generator(n, **(params if params is not None else self.spec.generator_params(n))) for n in names]
         seen, out, draws, last_new, duplicates = set(), [], 0, 0, 0
         while len(out) < count and draws < MAX_DRAWS_PER_ROW * count and draws - last_new < STALL_DRAWS:
             draws += 1
@@ -213,7 +210,7 @@ class Builder:
         sets, chat = {}, []
         for domain, count in self.spec.heldout.items():
             rng = _rng(self.spec.seed, "heldout", domain)
-            sample = generator(domain, **(self.spec.generators.get(domain) or {}))
+            sample = generator(domain, **self.spec.generator_params(domain))
             rows, seen, draws = [], set(), 0
             want = {True: count // 2, False: count - count // 2} if domain == "safety" else None
             while len(rows) < count:
