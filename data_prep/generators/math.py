@@ -1,7 +1,7 @@
 """Arithmetic and templated word problems with numeric answers, in five levels of difficulty.
 
-Levels (sampled with ``LEVEL_WEIGHTS``): 1 one-digit ±; 2 two-digit ±; 3 three-digit ±, two-digit × one-digit;
-4 two-step expressions; 5 two- and three-step word problems. Solutions state each step as ``a op b = c.`` and
+Levels (sampled with ``LEVEL_WEIGHTS``): 1 one-digit ±; 2 two-digit ±, solved through tens and ones; 3 three-digit
+±, two-digit × one-digit; 4 two-step expressions; 5 two- and three-step word problems. Solutions state each step as ``a op b = c.`` and
 end with ``The answer is N.``: every intermediate result can be checked (process supervision), and the final
 sentence is what ``rewards.math`` extracts. ``rejected`` makes one arithmetic slip and carries it through.
 """
@@ -57,7 +57,17 @@ def _arithmetic(rng: random.Random, level: int) -> Example:
         a, b = (rng.randint(10, 99), rng.randint(2, 9)) if op == "*" else (rng.randint(100, 999), rng.randint(100, 999))
     if op == "-" and b > a and level < 3:
         a, b = b, a  # no negative answers below level 3
-    return _example(rng, pick(rng, ASK).format(e=f"{a} {op} {b}"), [(a, op, b)], level)
+    return _example(rng, pick(rng, ASK).format(e=f"{a} {op} {b}"), _place_values(a, op, b) if level == 2
+                    else [(a, op, b)], level)
+
+
+def _place_values(a: int, op: str, b: int) -> list:
+    """Two-digit ± worked through tens and ones: 47 + 38 is 40 + 30, 7 + 8, then 70 + 15; 83 - 47 is 83 - 40,
+    then 43 - 7. Each step is a one-digit fact, a fact times ten, or a carry; written at once, the answer's digits
+    need the operands' digits aligned and the carry looked ahead, which a small model learns far more slowly."""
+    if op == "+":
+        return [(a - a % 10, "+", b - b % 10), (a % 10, "+", b % 10), ("#0", "+", "#1")]
+    return [(a, "-", b - b % 10), ("#0", "-", b % 10)]
 
 
 def _two_step(rng: random.Random) -> Example:

@@ -111,6 +111,22 @@ def test_process_labels_mark_the_first_slip_and_what_follows(built):
     assert 10 < sum(all(r) for r in process["labels"]) < 30  # about half are fully right
 
 
+def test_two_digit_problems_are_worked_through_tens_and_ones():
+    """A level-2 solution never combines two numbers that both have tens and ones in one step (the step a small
+    model gets wrong); every step it states is true and the last one is the problem's answer."""
+    rng, sample = random.Random(0), generator("math")
+    for _ in range(300):
+        example = sample(rng, level=2)
+        a, op, b = re.search(r"(\d+) ([-+]) (\d+)", example.prompt).groups()
+        steps = re.findall(r"(-?\d+) ([-+]) (-?\d+) = (-?\d+)\.", example.response)
+        assert len(steps) in (2, 3), example.response
+        for x, step_op, y, result in steps:
+            x, y = int(x), int(y)
+            assert (x + y if step_op == "+" else x - y) == int(result), example.response
+            assert x % 10 == 0 or y % 10 == 0 or min(x, y) < 10, example.response
+        assert example.answer == steps[-1][3] == str(int(a) + int(b) if op == "+" else int(a) - int(b))
+
+
 def test_code_references_pass_their_tests_and_near_misses_fail():
     from rewards.code import extract_code
 
