@@ -62,12 +62,14 @@ def _arithmetic(rng: random.Random, level: int) -> Example:
 
 
 def _place_values(a: int, op: str, b: int) -> list:
-    """Two-digit ± worked through tens and ones: 47 + 38 is 40 + 30, 7 + 8, then 70 + 15; 83 - 47 is 83 - 40,
-    then 43 - 7. Each step is a one-digit fact, a fact times ten, or a carry; written at once, the answer's digits
-    need the operands' digits aligned and the carry looked ahead, which a small model learns far more slowly."""
-    if op == "+":
-        return [(a - a % 10, "+", b - b % 10), (a % 10, "+", b % 10), ("#0", "+", "#1")]
-    return [(a, "-", b - b % 10), ("#0", "-", b % 10)]
+    """Two-digit ± worked through tens and ones: 47 + 38 is 40 + 30, 7 + 8, then 70 + 15; 83 - 47 borrows a ten,
+    70 - 40, 13 - 7, then 30 + 6. Each step is a one-digit fact, a fact times ten, or a carry; written at once, the
+    answer's digits need the operands' digits aligned and the carry looked ahead, which a small model learns far
+    more slowly."""
+    tens, ones = (a - a % 10, b - b % 10), (a % 10, b % 10)
+    if op == "-" and ones[0] < ones[1]:
+        tens, ones = (tens[0] - 10, tens[1]), (ones[0] + 10, ones[1])
+    return [(tens[0], op, tens[1]), (ones[0], op, ones[1]), ("#0", "+", "#1")]
 
 
 def _two_step(rng: random.Random) -> Example:
