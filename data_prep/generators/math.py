@@ -1,9 +1,10 @@
 """Arithmetic and templated word problems with numeric answers, in five levels of difficulty.
 
 Levels (sampled with ``LEVEL_WEIGHTS``): 1 one-digit ±; 2 two-digit ±, solved through tens and ones; 3 three-digit
-±, two-digit × one-digit; 4 two-step expressions; 5 two- and three-step word problems. Solutions state each step as ``a op b = c.`` and
-end with ``The answer is N.``: every intermediate result can be checked (process supervision), and the final
-sentence is what ``rewards.math`` extracts. ``rejected`` makes one arithmetic slip and carries it through.
+±, two-digit × one-digit; 4 two-step expressions; 5 two- and three-step word problems. Solutions state each step
+as ``a op b = c.`` and end with ``The answer is N.``: every intermediate result can be checked (process
+supervision), and the final sentence is what ``rewards.math`` extracts. ``rejected`` makes one arithmetic slip and
+carries it through.
 """
 
 from __future__ import annotations
