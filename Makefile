@@ -32,7 +32,7 @@ test-fast: setup
 data: setup
 	$(PY) -m data_prep build recipes/data/tiny.yaml
 
-# SFT of the tiny default (≈14 min on 2 cores): builds the data if missing, trains, writes the chat checkpoint to
+# SFT of the tiny default (≈12 min on 2 cores): builds the data if missing, trains, writes the chat checkpoint to
 # runs/sft/tiny with its model card (README.md there), eval.json and loss_curve.png. Run again to continue.
 sft: setup
 	$(PY) -m pipelines.sft recipes/sft/tiny.yaml
