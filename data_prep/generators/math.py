@@ -1,10 +1,11 @@
 """Arithmetic and templated word problems with numeric answers, in five levels of difficulty.
 
-Levels (sampled with ``LEVEL_WEIGHTS``): 1 one-digit ±; 2 two-digit ±, solved through tens and ones; 3 three-digit
-±, two-digit × one-digit; 4 two-step expressions; 5 two- and three-step word problems. Solutions state each step
-as ``a op b = c.`` and end with ``The answer is N.``: every intermediate result can be checked (process
-supervision), and the final sentence is what ``rewards.math`` extracts. ``rejected`` makes one arithmetic slip and
-carries it through.
+Levels (sampled with ``LEVEL_WEIGHTS``): 1 one-digit ±; 2 two-digit ±; 3 three-digit ±, two-digit × one-digit;
+4 two-step expressions; 5 two- and three-step word problems. Every operation is worked through place values
+(``worked``), so that a solution is made of one-digit facts, facts times ten or a hundred, borrows and adding up.
+Solutions state each step as ``a op b = c.`` and end with ``The answer is N.``: every intermediate result can be
+checked (process supervision), and the final sentence is what ``rewards.math`` extracts. ``rejected`` makes one
+arithmetic slip and carries it through.
 """
 
 from __future__ import annotations
@@ -19,18 +20,77 @@ NAMES = ["Tom", "Anna", "Liam", "Mia", "Noah", "Emma", "Omar", "Sara", "Ivan", "
 ITEMS = ["apples", "books", "coins", "pencils", "stickers", "marbles", "cards", "eggs", "shells", "stamps"]
 OPS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
 
-# A program is a list of steps (left, op, right); an operand "#k" is the result of step k.
+# A program is a list of steps (left, op, right); an operand "#k" is the result of step k. Each step of a problem's
+# program is written out as the worked steps of ``worked``.
+
+
+def worked(a: int, op: str, b: int) -> list:
+    """The step ``a op b`` as steps a small model can take: one-digit facts, facts times a power of ten (40 + 30,
+    40 * 6), borrow facts (13 - 7), and adding up the place values (70 + 15). 47 + 38 is 40 + 30, 7 + 8, then
+    70 + 15; 83 - 47 borrows a ten: 70 - 40, 13 - 7, then 30 + 6; 47 * 6 is 40 * 6, 7 * 6, then 240 + 42; a
+    negative difference is worked the other way round and negated (0 - 367). Written at once, a multi-digit answer
+    needs the operands' digits aligned and every carry looked ahead, which a small model learns far more slowly."""
+    if min(a, b) < 0 or a < 10 and b < 10:
+        return [(a, op, b)]  # a one-digit fact (or a slip made a number negative)
+    if op == "-" and a < b:
+        inner = worked(b, "-", a)
+        return inner + [(0, "-", f"#{len(inner) - 1}")]
+    pa, pb = _places(a), _places(b)
+    if len(pa) <= 1 and len(pb) <= 1 and (op != "-" or not pb or pa[0][0] == pb[0][0]):
+        return [(a, op, b)]  # a fact times a power of ten: 40 * 6, 700 - 500, 40 + 8
+    if op == "*":
+        if a >= 10 and b >= 10:
+            return [(a, op, b)]
+        parts = ([(d * 10 ** p, "*", b) for p, d in pa] if b < 10 else [(a, "*", d * 10 ** p) for p, d in pb])
+        return parts + _sum_up(parts, [f"#{i}" for i in range(len(parts))])
+    da, db = _digits(a), _digits(b)
+    both = min(len(da), len(db))  # the places both operands have: a step each
+    if op == "+" and not any(da[p] and db[p] for p in range(both)):
+        return [(a, op, b)]  # no two digits to add: 40 + 8, 130 + 7
+    if op == "-":  # borrow from the next place where a's digit is the smaller, ones first
+        borrow = 0
+        for p in range(len(da)):
+            da[p] -= borrow
+            borrow = int(da[p] < (db[p] if p < both else 0))
+            da[p] += 10 * borrow
+    longer = da if len(da) > both else db
+    high = sum(d * 10 ** p for p, d in enumerate(longer) if p >= both)  # places only one operand has: one term
+    steps = [(da[p] * 10 ** p, op, db[p] * 10 ** p) for p in reversed(range(both))]
+    return steps + _sum_up(steps, ([high] if high else []) + [f"#{i}" for i in range(len(steps))])
+
+
+def _digits(n: int) -> list[int]:
+    return [int(c) for c in reversed(str(n))]  # ones first
+
+
+def _places(n: int) -> list[tuple[int, int]]:
+    """(place, digit) of the non-zero digits of ``n``, highest place first."""
+    return [(p, d) for p, d in reversed(list(enumerate(_digits(n)))) if d]
+
+
+def _sum_up(steps: list, terms: list) -> list:
+    """Steps adding ``terms`` (numbers or "#k") left to right, numbered after ``steps``."""
+    out, total = [], terms[0]
+    for term in terms[1:]:
+        out.append((total, "+", term))
+        total = f"#{len(steps) + len(out) - 1}"
+    return out
 
 
 def run_program(program, slip_at: int | None = None, slip: int = 0) -> tuple[list[str], int]:
-    """The step sentences and final result; ``slip_at`` adds ``slip`` to that step's result (a mistake)."""
+    """The worked step sentences and final result; ``slip_at`` adds ``slip`` to the result of that worked step (a
+    mistake, carried through: the later steps are worked from the wrong value)."""
     results, lines = [], []
-    for i, (left, op, right) in enumerate(program):
+    for left, op, right in program:
         a = results[int(left[1:])] if isinstance(left, str) else left
         b = results[int(right[1:])] if isinstance(right, str) else right
-        value = OPS[op](a, b) + (slip if i == slip_at else 0)
-        results.append(value)
-        lines.append(f"{a} {op} {b} = {value}.")
+        values = []
+        for x, step_op, y in worked(a, op, b):
+            x = values[int(x[1:])] if isinstance(x, str) else x
+            y = values[int(y[1:])] if isinstance(y, str) else y
+            values.append(OPS[step_op](x, y) + (slip if len(lines) == slip_at else 0))
+            lines.append(f"{x} {step_op} {y} = {values[-1]}.")
+        results.append(values[-1])
     return lines, results[-1]
 
 
@@ -40,10 +100,11 @@ def _example(rng: random.Random, text: str, program, level: int, lead: str = "")
 
     lines, answer = run_program(program)
     slip = pick(rng, [-1, 1]) * rng.randint(1, 10)
-    wrong_lines, wrong = run_program(program, slip_at=rng.randrange(len(program)), slip=slip)
+    wrong_lines, wrong = run_program(program, slip_at=rng.randrange(len(lines)), slip=slip)
     right, mistaken = steps(lines, answer), steps(wrong_lines, wrong)
-    # a step is right when it states the value the correct solution has at that step
-    labels = [a == b for a, b in zip(mistaken, right)]
+    # a step is right when it states what the correct solution states at that step (a slip can change how the
+    # later steps are worked, and so their number)
+    labels = [i < len(right) and step == right[i] for i, step in enumerate(mistaken)]
     return Example("math", text, " ".join(right), rejected=" ".join(mistaken), answer=str(answer), difficulty=level,
                    steps=mistaken, step_labels=labels)
 
@@ -58,19 +119,7 @@ def _arithmetic(rng: random.Random, level: int) -> Example:
         a, b = (rng.randint(10, 99), rng.randint(2, 9)) if op == "*" else (rng.randint(100, 999), rng.randint(100, 999))
     if op == "-" and b > a and level < 3:
         a, b = b, a  # no negative answers below level 3
-    return _example(rng, pick(rng, ASK).format(e=f"{a} {op} {b}"), _place_values(a, op, b) if level == 2
-                    else [(a, op, b)], level)
-
-
-def _place_values(a: int, op: str, b: int) -> list:
-    """Two-digit ± worked through tens and ones: 47 + 38 is 40 + 30, 7 + 8, then 70 + 15; 83 - 47 borrows a ten,
-    70 - 40, 13 - 7, then 30 + 6. Each step is a one-digit fact, a fact times ten, or a carry; written at once, the
-    answer's digits need the operands' digits aligned and the carry looked ahead, which a small model learns far
-    more slowly."""
-    tens, ones = (a - a % 10, b - b % 10), (a % 10, b % 10)
-    if op == "-" and ones[0] < ones[1]:
-        tens, ones = (tens[0] - 10, tens[1]), (ones[0] + 10, ones[1])
-    return [(tens[0], op, tens[1]), (ones[0], op, ones[1]), ("#0", "+", "#1")]
+    return _example(rng, pick(rng, ASK).format(e=f"{a} {op} {b}"), [(a, op, b)], level)
 
 
 def _two_step(rng: random.Random) -> Example:

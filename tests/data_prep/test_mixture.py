@@ -111,20 +111,69 @@ def test_process_labels_mark_the_first_slip_and_what_follows(built):
     assert 10 < sum(all(r) for r in process["labels"]) < 30  # about half are fully right
 
 
-def test_two_digit_problems_are_worked_through_tens_and_ones():
-    """A level-2 solution never combines two numbers that both have tens and ones in one step (the step a small
-    model gets wrong); every step it states is true and the last one is the problem's answer."""
-    rng, sample = random.Random(0), generator("math")
+def _digit_pairs(x: int, y: int) -> int:
+    """How many places both numbers have a non-zero digit at."""
+    dx, dy = str(abs(x))[::-1], str(abs(y))[::-1]
+    return sum(a != "0" and b != "0" for a, b in zip(dx, dy))
+
+
+@pytest.mark.parametrize("level", [1, 2, 3, 4, 5])
+def test_solutions_are_worked_one_digit_pair_at_a_time(level):
+    """Every step of a solution is true and handles at most one pair of digits (7 + 8, 40 + 30, 13 - 7, 70 + 15,
+    40 * 6), never two numbers that both have tens and ones (the step a small model gets wrong); the last step
+    is the problem's answer. Two-digit ± is 3 steps (tens, ones, their sum) unless both are whole tens."""
+    rng, sample = random.Random(level), generator("math")
     for _ in range(300):
-        example = sample(rng, level=2)
-        a, op, b = re.search(r"(\d+) ([-+]) (\d+)", example.prompt).groups()
-        steps = re.findall(r"(-?\d+) ([-+]) (-?\d+) = (-?\d+)\.", example.response)
-        assert len(steps) == 3, example.response
+        example = sample(rng, level=level)
+        steps = re.findall(r"(-?\d+) ([-+*]) (-?\d+) = (-?\d+)\.", example.response)
+        assert steps and example.answer == steps[-1][3], example.response
         for x, step_op, y, result in steps:
             x, y = int(x), int(y)
-            assert (x + y if step_op == "+" else x - y) == int(result), example.response
-            assert x % 10 == 0 or y % 10 == 0 or min(x, y) < 10, example.response
-        assert example.answer == steps[-1][3] == str(int(a) + int(b) if op == "+" else int(a) - int(b))
+            assert {"+": x + y, "-": x - y, "*": x * y}[step_op] == int(result), example.response
+            if step_op == "*":
+                assert len(str(x).strip("0")) == 1 and len(str(y).strip("0")) == 1, example.response
+            else:
+                assert _digit_pairs(x, y) <= 1 or min(abs(x), abs(y)) < 10, example.response
+        if level == 2:
+            a, op, b = re.search(r"(\d+) ([-+]) (\d+)", example.prompt).groups()
+            assert len(steps) == 3 or int(a) % 10 == int(b) % 10 == 0, example.response
+            assert example.answer == str(int(a) + int(b) if op == "+" else int(a) - int(b))
+
+
+def test_reasoning_replies_are_worked_and_rejected_ones_make_one_slip():
+    """Comparisons go by digits (the deciding fact is true in the reply and reversed in the rejected one); lists are
+    counted item by item (the rejected count skips one); orderings name whoever nobody beats (the rejected one
+    names the person in the middle)."""
+    from data_prep.generators import reasoning
+
+    rng = random.Random(0)
+    for _ in range(200):
+        e = reasoning._comparison(rng)
+        a, b = map(int, re.findall(r"\d+", e.prompt))
+        assert int(e.answer) == (max(a, b) if "larger" in e.prompt else min(a, b))
+        x, y = map(int, re.search(r"(\d+) > (\d+)\.", e.response).groups()) if ">" in e.response else (1, 0)
+        assert x > y
+        if ">" in e.rejected:
+            x, y = map(int, re.search(r"(\d+) > (\d+)\.", e.rejected).groups())
+            assert x < y
+        assert e.rejected.endswith(f"The answer is {a + b - int(e.answer)}.")
+
+        e = reasoning._counting(rng)
+        if "list" in e.prompt:
+            items = e.prompt.split(": ", 1)[1].rstrip("?").split(", ")
+            counted = ", ".join(f"{item} {i + 1}" for i, item in enumerate(items))
+            assert e.response == f"{counted}. The answer is {len(items)}."
+            assert e.rejected.count(",") == len(items) - 2 and e.rejected.endswith(f"is {len(items) - 1}.")
+
+        e = reasoning._ordering(rng)
+        named = re.search(r"(?:Nobody is \w+ than (\w+)|(\w+) is \w+ than nobody)", e.response).groups()
+        wrong = re.search(r"(?:Nobody is \w+ than (\w+)|(\w+) is \w+ than nobody)", e.rejected).groups()
+        name, other = next(filter(None, named)), next(filter(None, wrong))
+        assert name == e.answer and other != e.answer
+        beaten = re.findall(r"than (\w+)\.", e.prompt)  # everyone someone is above
+        above = re.findall(r"(\w+) is \w+ than", e.prompt)
+        assert (name not in beaten) if "Nobody" in e.response else (name not in above)
+        assert other in beaten and other in above  # the middle person
 
 
 def test_code_references_pass_their_tests_and_near_misses_fail():
