@@ -15,6 +15,7 @@ import importlib
 
 _REGISTRY = {
     "math_accuracy": "rewards.math:math_accuracy",
+    "math_steps_accuracy": "rewards.math:math_steps_accuracy",
     "code_execution": "rewards.code:CodeExecution",
     "chat_format": "rewards.format:chat_format",
     "answer_format": "rewards.format:AnswerFormat",

@@ -127,6 +127,30 @@ def math_accuracy(completions, answer, **unused) -> list[float | None]:
     return [None if gold is None else score(completion_text(c), str(gold)) for c, gold in zip(completions, answer)]
 
 
+_STEP = re.compile(r"(?<![\d.])(-?\d+) ([-+*]) (-?\d+) = (-?\d+)(?=\.(?:\s|$))")
+_STEP_OPS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
+
+
+def checked_steps(text: str) -> list[tuple[re.Match, bool]]:
+    """Every arithmetic step `text` states ("a op b = c.", integers), in order, with whether it is true."""
+    return [(m, _STEP_OPS[m.group(2)](int(m.group(1)), int(m.group(3))) == int(m.group(4)))
+            for m in _STEP.finditer(text)]
+
+
+def false_steps(text: str) -> list[re.Match]:
+    """The stated arithmetic steps of `text` that are false, in order."""
+    return [m for m, true in checked_steps(text) if not true]
+
+
+def math_steps_accuracy(completions, answer, **unused) -> list[float | None]:
+    """TRL reward: 1.0 when the final answer equals `answer` (as `math_accuracy`) and every arithmetic step the
+    completion states ("a op b = c.") is true. A right answer reached through a false step (two slips that cancel,
+    a copied operand that happens to fit) scores 0: GRPO's largest advantages go to the one right sample of a hard
+    group, and rewarding a lucky one teaches the false step."""
+    return [None if value is None else value * (not false_steps(completion_text(c)))
+            for value, c in zip(math_accuracy(completions, answer), completions)]
+
+
 def _braced(text: str, open_at: int) -> str | None:
     """The text inside the brace at `open_at` up to its matching close, or None if unbalanced."""
     depth = 0

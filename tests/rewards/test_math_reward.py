@@ -7,7 +7,7 @@ from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 
 import pytest
 
-from rewards.math import extract_final_answer, math_accuracy, stated_answers
+from rewards.math import extract_final_answer, false_steps, math_accuracy, math_steps_accuracy, stated_answers
 from tests.conftest import SHARED_DATA
 
 GSM8K_TEST = SHARED_DATA / "gsm8k" / "test.jsonl"
@@ -119,6 +119,31 @@ def test_gsm8k_gold_scores_one_and_gold_plus_one_scores_zero():
     assert math_accuracy([f"The answer is {w}." for w in wrong], answer=golds) == [0.0] * GSM8K_ROWS
     wrong_solutions = [gold.rsplit("####", 1)[0] + f"#### {w}" for gold, w in zip(golds, wrong)]
     assert math_accuracy(wrong_solutions, answer=golds) == [0.0] * GSM8K_ROWS
+
+
+# completion, gold, math_accuracy, math_steps_accuracy
+WORKED = [
+    ("40 + 30 = 70. 7 + 8 = 15. 70 + 15 = 85. The answer is 85.", "85", 1.0, 1.0),
+    ("40 + 30 = 70. 7 + 8 = 16. 70 + 15 = 85. The answer is 85.", "85", 1.0, 0.0),  # a slip, answer still right
+    ("40 + 30 = 70. 7 + 8 = 16. 70 + 16 = 86. The answer is 86.", "85", 0.0, 0.0),
+    ("12 - 5 = 7. 0 - 7 = -7. -7 + 7 = 0. The answer is 0.", "0", 1.0, 1.0),  # negative numbers
+    ("40 * 6 = 240. 7 * 6 = 42. 240 + 42 = 282. The answer is 282.", "282", 1.0, 1.0),
+    ("40 * 6 = 250. 7 * 6 = 32. 250 + 32 = 282. The answer is 282.", "282", 1.0, 0.0),  # two slips that cancel
+    ("Recall that 2 + 2 = 5. The answer is 4.", "4", 1.0, 0.0),  # a false step anywhere in the text
+    ("The answer is 1.5.", "1.5", 1.0, 1.0),  # no steps stated: nothing to contradict it
+]
+
+
+@pytest.mark.parametrize("completion,gold,answer_reward,steps_reward", WORKED)
+def test_a_right_answer_reached_through_a_false_step_scores_zero(completion, gold, answer_reward, steps_reward):
+    assert math_accuracy([completion], answer=[gold]) == [answer_reward]
+    assert math_steps_accuracy([completion], answer=[gold]) == [steps_reward]
+    assert math_steps_accuracy([[{"role": "assistant", "content": completion}]], answer=[None]) == [None]
+
+
+def test_false_steps_are_found_in_order():
+    found = false_steps("1 + 1 = 3. 2 * 3 = 6. 10 - 4 = 5. 1.5 + 1 = 2.5.")
+    assert [m.group(0) for m in found] == ["1 + 1 = 3", "10 - 4 = 5"]  # decimals are not read as steps
 
 
 # Off the main thread math-verify cannot use SIGALRM; symbolic cases make sure math-verify itself runs there.
