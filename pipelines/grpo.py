@@ -31,6 +31,7 @@ Launch:
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import logging
 import math
@@ -59,6 +60,7 @@ from .tracking import plot_reward_curve
 logger = logging.getLogger("grpo")
 RETRAIN_DEFAULTS = {"replay": 0.1, "learning_rate": 1e-4, "epochs": 1, "batch_size": 16}
 BACKENDS = ("hf", "vllm")
+SCHEDULES = ("constant", "cosine")
 RECIPE_HEADER = "# The resolved recipe of this run. Continue it: python -m pipelines.grpo {path}\n"
 
 
@@ -73,6 +75,7 @@ class StageConfig:
     max_steps: int = 100
     learning_rate: float = 1e-6
     warmup_steps: int = 0
+    lr_scheduler_type: str = "constant"  # constant | cosine (to 0 at max_steps), after the linear warmup
     num_generations: int = 64  # G
     prompts_per_step: int = 16
     temperature: float = 1.0
@@ -101,6 +104,8 @@ class StageConfig:
             raise RecipeError(f"{name}.supervision={self.supervision!r}: expected outcome or process")
         if self.supervision == "process" and not self.process_reward_model:
             raise RecipeError(f"{name}: process supervision needs process_reward_model (a folder from make rm)")
+        if self.lr_scheduler_type not in SCHEDULES:
+            raise RecipeError(f"{name}.lr_scheduler_type={self.lr_scheduler_type!r}: expected one of {SCHEDULES}")
         if self.loss_aggregation not in AGGREGATIONS:
             raise RecipeError(f"{name}.loss_aggregation={self.loss_aggregation!r}: expected one of {AGGREGATIONS}")
         if self.num_generations < 2:
@@ -152,6 +157,16 @@ class GRPOArguments:
 # ----------------------------------------------------------------------------------------------------------------
 # Pieces of a step
 # ----------------------------------------------------------------------------------------------------------------
+
+def lr_factor(cfg: StageConfig, step: int) -> float:
+    """The learning-rate multiplier after ``step`` optimizer steps: linear warmup, then constant or a cosine to 0.
+    The SFT checkpoint ends annealed (its own cosine reaches ~0); RL at a constant rate moves it out of that basin,
+    and a decay lets the RL policy settle again before it is saved and evaluated."""
+    warmup = min(1.0, (step + 1) / max(1, cfg.warmup_steps))
+    if cfg.lr_scheduler_type == "cosine":
+        return warmup * 0.5 * (1 + math.cos(math.pi * min(1.0, step / max(1, cfg.max_steps * cfg.num_iterations))))
+    return warmup
+
 
 class OnlyDomains:
     """A reward applied to the rows of some domains only (None elsewhere: it does not count for them), so that a
@@ -308,8 +323,7 @@ class StageRunner:
         self.fresh_pairs: list[dict] = []  # this iteration's preference pairs, for the reward model (iterative RL)
         self.optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.learning_rate, betas=(0.9, 0.95),
                                            weight_decay=0.0)
-        warmup = max(1, cfg.warmup_steps)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: min(1.0, (s + 1) / warmup))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, functools.partial(lr_factor, cfg))
         self.step = 0
 
     @staticmethod

@@ -3,7 +3,7 @@
 import pytest
 
 from pipelines.config import RecipeError
-from pipelines.grpo import GRPOArguments, StageConfig, build_reward, stage_configs
+from pipelines.grpo import GRPOArguments, StageConfig, build_reward, lr_factor, stage_configs
 from tests.conftest import REPO
 
 
@@ -28,11 +28,28 @@ def test_a_domain_filter_without_a_domain_column_is_an_error():
     ({"supervision": "process"}, "needs process_reward_model"),
     ({"loss_aggregation": "sum"}, "expected one of"),
     ({"num_generations": 1}, "at least 2"),
+    ({"lr_scheduler_type": "linear"}, "expected one of"),
     ({"rewards": [{"weight": 1.0}]}, "give the reward's name"),
 ])
 def test_bad_stage_settings_say_what_to_change(fields, message):
     with pytest.raises(RecipeError, match=message):
         StageConfig(**fields).check("reasoning")
+
+
+# schedule, warmup, max_steps, μ: the multiplier after 0, 1, 4, 9 and 19 optimizer steps
+LR_FACTORS = [
+    ("constant", 0, 10, 1, [1.0, 1.0, 1.0, 1.0, 1.0]),
+    ("constant", 4, 10, 1, [0.25, 0.5, 1.0, 1.0, 1.0]),
+    ("cosine", 0, 10, 1, [1.0, 0.9755, 0.6545, 0.0245, 0.0]),
+    ("cosine", 4, 10, 1, [0.25, 0.4878, 0.6545, 0.0245, 0.0]),
+    ("cosine", 0, 10, 2, [1.0, 0.9938, 0.9045, 0.5782, 0.0062]),  # μ updates per step: 20 optimizer steps
+]
+
+
+@pytest.mark.parametrize("schedule,warmup,steps,mu,expected", LR_FACTORS)
+def test_the_learning_rate_warms_up_then_holds_or_decays_to_zero(schedule, warmup, steps, mu, expected):
+    cfg = StageConfig(lr_scheduler_type=schedule, warmup_steps=warmup, max_steps=steps, num_iterations=mu)
+    assert [round(lr_factor(cfg, s), 4) for s in (0, 1, 4, 9, 19)] == expected
 
 
 def test_the_tiny_recipe_resolves_into_two_stages():
