@@ -15,6 +15,7 @@ for any sampler/trainer mismatch (bf16, other kernels) with an importance weight
 from __future__ import annotations
 
 import os
+import random
 from dataclasses import dataclass, field
 
 import torch
@@ -155,10 +156,18 @@ class VLLMGenerator:
         from vllm.inputs import TokensPrompt
 
         s = self.settings
-        params = SamplingParams(n=n, temperature=s.temperature, top_p=s.top_p, max_tokens=s.max_new_tokens,
-                                stop=s.stop or None, include_stop_str_in_output=True, logprobs=0, seed=seed,
-                                detokenize=False)
-        results = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
+        # vLLM seeds the n samples of a request seed, seed + 1, ..., seed + n - 1: one seed for every prompt would give
+        # sample j of each prompt the same random stream (a batch of correlated samples), so each prompt draws its own
+        rng = random.Random(seed)
+        seeds = [None if seed is None else rng.getrandbits(31) for _ in prompts]
+
+        def params(prompt_seed: int | None) -> SamplingParams:
+            return SamplingParams(n=n, temperature=s.temperature, top_p=s.top_p, max_tokens=s.max_new_tokens,
+                                  stop=s.stop or None, include_stop_str_in_output=True, logprobs=0, seed=prompt_seed,
+                                  detokenize=False)
+
+        results = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts],
+                                    [params(x) for x in seeds], use_tqdm=False)
         out = Samples([], [], [], [], [])
         eos = self.tokenizer.eos_token_id
         for i, result in enumerate(results):

@@ -242,3 +242,21 @@ def test_step_ends_map_sentences_to_the_tokens_that_close_them():
     ends = step_end_tokens(tokenizer, ids, 3)
     pieces = [tokenizer.decode(ids[: e + 1]) for e in ends]
     assert pieces == ["3 + 4 = 7.", "3 + 4 = 7. 7 * 2 = 14.", "3 + 4 = 7. 7 * 2 = 14. The answer is 14."]
+
+
+@pytest.mark.slow
+def test_vllm_samples_of_different_prompts_are_independent(setup):
+    # vLLM seeds a request's n samples seed, seed + 1, ...; with one seed for the batch, the same prompt twice got the
+    # same n samples, and sample j of every prompt shared one random stream
+    from data_prep.tokenizer import load_tokenizer
+    from modeling import DeepseekV2ForCausalLM
+    from pipelines.generation import SamplingSettings, make_generator
+
+    folder = setup / "policy"
+    tokenizer = load_tokenizer(folder)
+    generator = make_generator("vllm", DeepseekV2ForCausalLM.from_pretrained(folder), tokenizer,
+                               SamplingSettings(temperature=1.0, max_new_tokens=8), checkpoint=str(folder))
+    prompt = tokenizer("What is 2 + 3?", add_special_tokens=False)["input_ids"]
+    first = generator.generate([prompt, prompt], 4, seed=7).completion_ids
+    assert first[:4] != first[4:]
+    assert generator.generate([prompt, prompt], 4, seed=7).completion_ids == first  # and a seed still repeats a batch

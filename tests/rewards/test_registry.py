@@ -11,6 +11,7 @@ from rewards.math import math_accuracy
 # name, parameters
 REGISTERED = [
     ("math_accuracy", {}),
+    ("math_steps_accuracy", {}),
     ("code_execution", {"timeout_s": 5}),
     ("chat_format", {}),
     ("answer_format", {"style": "boxed"}),
