@@ -28,6 +28,7 @@ import threading
 
 from math_verify import parse, verify
 
+from data_prep.generators.math import OPS  # what a stated step "a op b = c." means
 from rewards.completions import completion_text
 
 MAX_ANSWER_CHARS = 300  # longer "answers" are prose; also bounds math-verify's time
@@ -128,18 +129,11 @@ def math_accuracy(completions, answer, **unused) -> list[float | None]:
 
 
 _STEP = re.compile(r"(?<![\d.])(-?\d+) ([-+*]) (-?\d+) = (-?\d+)(?=\.(?:\s|$))")
-_STEP_OPS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
-
-
-def checked_steps(text: str) -> list[tuple[re.Match, bool]]:
-    """Every arithmetic step `text` states ("a op b = c.", integers), in order, with whether it is true."""
-    return [(m, _STEP_OPS[m.group(2)](int(m.group(1)), int(m.group(3))) == int(m.group(4)))
-            for m in _STEP.finditer(text)]
 
 
 def false_steps(text: str) -> list[re.Match]:
-    """The stated arithmetic steps of `text` that are false, in order."""
-    return [m for m, true in checked_steps(text) if not true]
+    """The arithmetic steps ("a op b = c.", integers) that `text` states and that are false, in order."""
+    return [m for m in _STEP.finditer(text) if OPS[m.group(2)](int(m.group(1)), int(m.group(3))) != int(m.group(4))]
 
 
 def math_steps_accuracy(completions, answer, **unused) -> list[float | None]:
