@@ -260,3 +260,48 @@ def test_vllm_samples_of_different_prompts_are_independent(setup):
     first = generator.generate([prompt, prompt], 4, seed=7).completion_ids
     assert first[:4] != first[4:]
     assert generator.generate([prompt, prompt], 4, seed=7).completion_ids == first  # and a seed still repeats a batch
+
+
+@pytest.mark.parametrize("aggregation", ["token", "grpo", "dr_grpo"])
+def test_mini_batch_size_changes_memory_use_not_the_update(setup, tmp_path, aggregation):
+    """``mini_batch_size`` only says how many completions go through one forward/backward: rows are grouped by
+    length to save padding, and each chunk is weighted by its share of the batch (of tokens for the token-level
+    mean), so one chunk of 24 and six of 4 give the same parameters after an update."""
+    from datasets import load_from_disk
+
+    from data_prep.tokenizer import load_tokenizer
+    from modeling import DeepseekV2ForCausalLM
+    from pipelines.grpo import Batch, GRPOArguments, StageConfig, StageRunner, sequence_logprobs
+
+    tokenizer = load_tokenizer(setup / "policy")
+    prompts = load_from_disk(str(setup / "data" / "rl" / "math"))["prompt"][:24]
+    prompt_ids = [tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=True,
+                                                return_dict=True)["input_ids"] for p in prompts]
+    g = torch.Generator().manual_seed(0)
+    lengths = torch.randint(1, 25, (24,), generator=g).tolist()  # completions of very different lengths
+    completions = [torch.randint(3, len(tokenizer), (k,), generator=g).tolist() for k in lengths]
+    policy = DeepseekV2ForCausalLM.from_pretrained(setup / "policy")
+    with torch.no_grad():
+        sampler = sequence_logprobs(policy.eval(), prompt_ids, completions)[0]
+    batch = Batch(prompt_ids, completions, sampler, torch.randn(24, generator=g), [0.0] * 24, {})
+
+    def updated(mini_batch_size: int) -> dict:
+        model = DeepseekV2ForCausalLM.from_pretrained(setup / "policy")
+        cfg = StageConfig(rewards=[{"name": "tests.pipelines.grpo_toy_reward:has_digit"}], num_generations=4,
+                          loss_aggregation=aggregation, mini_batch_size=mini_batch_size, max_new_tokens=24,
+                          beta=0.04, max_grad_norm=1e9)
+        runner = StageRunner("reasoning", cfg, GRPOArguments(policy=str(setup / "policy"),
+                                                             data_dir=str(setup / "data")),
+                             model, tokenizer, tmp_path)
+        runner.optimizer = torch.optim.SGD(model.parameters(), lr=1.0)  # the parameter change is the gradient
+        runner.scheduler = torch.optim.lr_scheduler.LambdaLR(runner.optimizer, lambda step: 1.0)
+        metrics = runner.update(batch)
+        return {k: v.clone() for k, v in model.state_dict().items()}, metrics
+
+    whole, m_whole = updated(24)
+    cut, m_cut = updated(4)
+    base = DeepseekV2ForCausalLM.from_pretrained(setup / "policy").state_dict()
+    assert any(not torch.equal(whole[k], base[k]) for k in base)
+    for name in base:
+        torch.testing.assert_close(cut[name], whole[name], rtol=1e-4, atol=1e-6, msg=name)
+    assert m_cut["loss"] == pytest.approx(m_whole["loss"], rel=1e-4, abs=1e-6)
