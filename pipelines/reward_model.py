@@ -148,10 +148,16 @@ def main(argv=None):
     # 2. tokenizer: the SFT checkpoint's, or the data build's
     tokenizer = load_tokenizer(args.init_from or Path(args.data_dir) / "tokenizer")
     # 3. the outcome reward models, one after another
-    metrics = {name: train_outcome_rm(name, args, config, tokenizer) for name in args.reward_models}
+    metrics = {}
+    for name in args.reward_models:
+        began = time.perf_counter()
+        metrics[name] = {**train_outcome_rm(name, args, config, tokenizer),
+                         "seconds": round(time.perf_counter() - began, 1)}
     # 4. the process reward model
     if args.process_reward_model:
-        metrics[PROCESS_RM_NAME] = train_process_rm(args, config, tokenizer)
+        began = time.perf_counter()
+        metrics[PROCESS_RM_NAME] = {**train_process_rm(args, config, tokenizer),
+                                    "seconds": round(time.perf_counter() - began, 1)}
     # 5. report
     metrics["wall_seconds"] = round(time.perf_counter() - start, 1)
     Path(config.output_dir).mkdir(parents=True, exist_ok=True)
