@@ -305,3 +305,23 @@ def test_mini_batch_size_changes_memory_use_not_the_update(setup, tmp_path, aggr
     for name in base:
         torch.testing.assert_close(cut[name], whole[name], rtol=1e-4, atol=1e-6, msg=name)
     assert m_cut["loss"] == pytest.approx(m_whole["loss"], rel=1e-4, abs=1e-6)
+
+
+def test_group_signal_splits_each_level_into_groups_that_agree_and_groups_that_do_not(setup):
+    from eval.group_signal import group_signal
+
+    result = group_signal(str(setup / "policy"), str(setup / "data"), per_level=4, group=3, max_new_tokens=6,
+                          reward="tests.pipelines.grpo_toy_reward:has_digit", backend="hf")
+    assert result and all(level.startswith("L") for level in result)
+    for m in result.values():
+        assert 1 <= m["problems"] <= 4
+        assert m["signal"] + m["all_right"] + m["all_wrong"] == pytest.approx(1.0, abs=2e-3)
+        assert 0 <= m["pass_rate"] <= 1
+
+
+def test_likelihood_pairs_reports_the_checkpoints_own_preference_per_domain(setup):
+    from eval.likelihood_pairs import likelihood_pairs
+
+    result = likelihood_pairs(str(setup / "policy"), str(setup / "data"), "reasoning", eval_examples=10)
+    assert result["pairs"] == 10 and set(result["by_domain"]) == {"math"}  # the mini build's pairs are math only
+    assert result["accuracy"] == pytest.approx(result["by_domain"]["math"], abs=1e-4)

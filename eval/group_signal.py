@@ -1,0 +1,83 @@
+"""Where GRPO's gradient comes from: for each difficulty level of the held-out math set, the share of problems whose
+G sampled replies disagree under a reward (a group that agrees gets zero advantage: no signal), the share all right,
+all wrong, and the mean pass rate. This is what chose the levels of GRPO's math prompts (recipes/data/tiny.yaml).
+
+    python -m eval.group_signal runs/sft/tiny --data_dir runs/data/tiny --per_level 80 --group 8 --temperature 0.6
+
+Sampling as GRPO samples (``pipelines.generation``, vllm or hf backend); the reward by name from ``rewards``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections import defaultdict
+from pathlib import Path
+
+from datasets import load_from_disk
+
+import rewards
+
+from .tasks import LEVEL
+
+
+def group_signal(checkpoint: str, data_dir: str, per_level: int = 80, group: int = 8, temperature: float = 0.6,
+                 max_new_tokens: int = 112, reward: str = "math_steps_accuracy", backend: str = "vllm",
+                 seed: int = 1) -> dict[str, dict]:
+    from data_prep.tokenizer import load_tokenizer
+    from modeling import DeepseekV2ForCausalLM
+    from pipelines.generation import SamplingSettings, make_generator
+
+    data = load_from_disk(str(Path(data_dir) / "heldout" / "math"))
+    by_level: dict[str, list[int]] = defaultdict(list)
+    for i, row_id in enumerate(data["id"]):
+        level = LEVEL.search(row_id)
+        if level and len(by_level[f"L{level.group(1)}"]) < per_level:
+            by_level[f"L{level.group(1)}"].append(i)
+    if not by_level:
+        raise ValueError(f"{data_dir}/heldout/math: no row id names a level (expected ids like heldout/math/L3/0)")
+    levels = sorted(by_level)
+    rows = data.select([i for level in levels for i in by_level[level]])
+    tokenizer = load_tokenizer(checkpoint)
+    ids = [tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+           for p in rows["prompt"]]
+    model = DeepseekV2ForCausalLM.from_pretrained(checkpoint)
+    generator = make_generator(backend, model, tokenizer, SamplingSettings(temperature, 1.0, max_new_tokens),
+                               checkpoint=checkpoint)
+    samples = generator.generate(ids, group, seed=seed)
+    scores = rewards.get(reward)(prompts=[rows["prompt"][i] for i in samples.prompt_index], completions=samples.texts,
+                                 answer=[rows["answer"][i] for i in samples.prompt_index])
+    out, start = {}, 0
+    for level in levels:
+        groups = [scores[(start + g) * group:(start + g + 1) * group] for g in range(len(by_level[level]))]
+        start += len(groups)
+        right = sum(all(s == 1 for s in g) for g in groups) / len(groups)
+        wrong = sum(all(s == 0 for s in g) for g in groups) / len(groups)
+        signal = sum(max(g) > min(g) for g in groups) / len(groups)
+        out[level] = {"problems": len(groups), "signal": round(signal, 3), "all_right": round(right, 3),
+                      "all_wrong": round(wrong, 3), "pass_rate": round(sum(map(sum, groups)) / (len(groups) * group), 3)}
+    return out
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("checkpoint")
+    p.add_argument("--data_dir", default="runs/data/tiny")
+    p.add_argument("--per_level", type=int, default=80)
+    p.add_argument("--group", type=int, default=8)
+    p.add_argument("--temperature", type=float, default=0.6)
+    p.add_argument("--max_new_tokens", type=int, default=112)
+    p.add_argument("--reward", default="math_steps_accuracy")
+    p.add_argument("--backend", default="vllm", choices=["vllm", "hf"])
+    a = p.parse_args(argv)
+    result = group_signal(a.checkpoint, a.data_dir, a.per_level, a.group, a.temperature, a.max_new_tokens, a.reward,
+                          a.backend)
+    for level, m in result.items():
+        print(f"{level}: {m['problems']} problems, signal {m['signal']:.2f}, all right {m['all_right']:.2f}, "
+              f"all wrong {m['all_wrong']:.2f}, pass rate {m['pass_rate']:.2f}")
+    print(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,59 @@
+"""The bar a reward model trained from a checkpoint should clear: how often the checkpoint's own log-likelihood
+prefers the chosen reply of a preference pair over the rejected one (sum of the reply's token log-probs), per
+domain, on the held-out pairs ``make rm`` scores (the same split: ``eval_examples`` rows, seed 0).
+
+    python -m eval.likelihood_pairs runs/sft/tiny --data_dir runs/data/tiny --reward_model reasoning
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections import Counter
+from pathlib import Path
+
+import torch
+from datasets import load_from_disk
+
+
+@torch.no_grad()
+def reply_logprob(model, tokenizer, prompt: list[dict], reply: list[dict]) -> float:
+    head = tokenizer.apply_chat_template(prompt, tokenize=True, add_generation_prompt=True, return_dict=True)
+    full = tokenizer.apply_chat_template(prompt + reply, tokenize=True, return_dict=True)["input_ids"]
+    ids = torch.tensor([full])
+    logp = model(input_ids=ids).logits[0, :-1].float().log_softmax(-1).gather(-1, ids[0, 1:, None])[:, 0]
+    return logp[len(head["input_ids"]) - 1:].sum().item()
+
+
+def likelihood_pairs(checkpoint: str, data_dir: str, reward_model: str = "reasoning", eval_examples: int = 500,
+                     seed: int = 0) -> dict:
+    from data_prep.tokenizer import load_tokenizer
+    from modeling import DeepseekV2ForCausalLM
+
+    data = load_from_disk(str(Path(data_dir) / "preferences" / reward_model))
+    held_out = data.train_test_split(test_size=eval_examples, seed=seed)["test"]  # as pipelines/reward_model.py
+    tokenizer = load_tokenizer(checkpoint)
+    model = DeepseekV2ForCausalLM.from_pretrained(checkpoint).eval()
+    right, count = Counter(), Counter(held_out["domain"])
+    for row in held_out:
+        chosen = reply_logprob(model, tokenizer, row["prompt"], row["chosen"])
+        rejected = reply_logprob(model, tokenizer, row["prompt"], row["rejected"])
+        right[row["domain"]] += chosen > rejected
+    return {"pairs": len(held_out), "accuracy": sum(right.values()) / len(held_out),
+            "by_domain": {d: round(right[d] / n, 4) for d, n in sorted(count.items())}}
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("checkpoint")
+    p.add_argument("--data_dir", default="runs/data/tiny")
+    p.add_argument("--reward_model", default="reasoning")
+    p.add_argument("--eval_examples", type=int, default=500)
+    a = p.parse_args(argv)
+    result = likelihood_pairs(a.checkpoint, a.data_dir, a.reward_model, a.eval_examples)
+    print(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()
