@@ -58,7 +58,7 @@ from .run_state import prepare_run_dir
 from .tracking import plot_reward_curve
 
 logger = logging.getLogger("grpo")
-RETRAIN_DEFAULTS = {"replay": 0.1, "learning_rate": 1e-4, "epochs": 1, "batch_size": 16}
+RETRAIN_DEFAULTS = {"replay": 0.1, "learning_rate": 1e-4, "epochs": 1, "batch_size": 16, "simpo_gamma": 0.5}
 BACKENDS = ("hf", "vllm")
 SCHEDULES = ("constant", "cosine")
 RECIPE_HEADER = "# The resolved recipe of this run. Continue it: python -m pipelines.grpo {path}\n"
@@ -95,7 +95,7 @@ class StageConfig:
     # iterative RL, DeepSeekMath Alg. 1: retrain a reward model at the end of each iteration on fresh policy samples.
     # {label: the reward_model entry of `rewards` to retrain, labels_from: a reward that ranks a group's completions
     #  (e.g. math_accuracy), replay_from: its earlier pairs (data_dir/preferences/NAME), replay: 0.1,
-    #  learning_rate: 1e-4, epochs: 1}
+    #  learning_rate: 1e-4, epochs: 1, simpo_gamma: 0.5 (an implicit RM, make rm's objective simpo)}
     retrain_reward_model: dict | None = None
     importance_cap: float = 2.0  # truncated importance weight for sampler/trainer log-prob gaps
 
@@ -430,9 +430,13 @@ class StageRunner:
         """DeepSeekMath Alg. 1: continue training the reward model on this iteration's pairs plus a replay share of
         its earlier data, save it beside the stage's checkpoints, and score with it from now on."""
         from datasets import Dataset
+        from transformers import AutoConfig
         from trl import RewardConfig, RewardTrainer
 
-        from modeling import DeepseekV2ForSequenceClassification
+        from modeling import DeepseekV2ForCausalLM, DeepseekV2ForSequenceClassification
+        from rewards.model import IMPLICIT_REWARD_BETA
+
+        from .reward_model import simpo_trainer
 
         r = self.cfg.retrain_reward_model
         spec = next(s for s in self.cfg.rewards if s.get("name") == "reward_model" and s.get("label") == r["label"])
@@ -450,12 +454,19 @@ class StageRunner:
         train = concatenate_datasets([fresh, replay_rows]).shuffle(seed=self.args.seed)
         out = self.dir / f"reward-model-iteration-{iteration}"
         tokenizer = load_tokenizer(spec["path"])
-        model = DeepseekV2ForSequenceClassification.from_pretrained(spec["path"], num_labels=1)
         config = RewardConfig(output_dir=str(out), learning_rate=float(r["learning_rate"]),
                               num_train_epochs=float(r["epochs"]), per_device_train_batch_size=int(r["batch_size"]),
                               save_strategy="no", report_to="none", logging_steps=10, seed=self.args.seed,
                               use_cpu=not torch.cuda.is_available(), disable_tqdm=True)
-        trainer = RewardTrainer(model=model, args=config, train_dataset=train, processing_class=tokenizer)
+        # the reward model goes on with the objective it was trained with: Bradley-Terry on its score head, or
+        # SimPO's loss for an implicit reward model (make rm's objective: simpo; its beta is in its config)
+        beta = getattr(AutoConfig.from_pretrained(spec["path"]), IMPLICIT_REWARD_BETA, None)
+        if beta is None:
+            model = DeepseekV2ForSequenceClassification.from_pretrained(spec["path"], num_labels=1)
+            trainer = RewardTrainer(model=model, args=config, train_dataset=train, processing_class=tokenizer)
+        else:
+            trainer = simpo_trainer(DeepseekV2ForCausalLM.from_pretrained(spec["path"]), config, train, tokenizer,
+                                    beta, float(r["simpo_gamma"]))
         loss = trainer.train().training_loss
         trainer.save_model(str(out))
         tokenizer.save_pretrained(out)

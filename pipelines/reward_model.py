@@ -6,20 +6,28 @@ preference pairs, report held-out pairwise accuracy, and save it where GRPO load
 (``<output_dir>/<name>``). Then the process reward model is trained on step-labelled math solutions and its
 held-out step accuracy reported.
 
-How it departs from the paper: pairwise (Bradley-Terry) training uses TRL's ``RewardTrainer`` unchanged; the
-paper also trains point-wise, available here as ``objective: pointwise`` (binary loss on the reply's score).
-TRL has no process or point-wise reward trainer, so ``pipelines/score_head_trainer.py`` holds that small part.
+Objectives (``objective``, or one reward model's own under ``per_model``):
+  * ``pairwise``: Bradley-Terry on a fresh score head, TRL's ``RewardTrainer`` unchanged (the paper's RMs);
+  * ``pointwise``: the paper's other loss, binary cross-entropy on the reply's score. TRL has no point-wise or
+    process reward trainer, so ``pipelines/score_head_trainer.py`` holds that small part;
+  * ``simpo``: an implicit reward model. The SFT causal LM itself is trained with SimPO's loss (TRL's
+    ``CPOTrainer``, ``loss_type="simpo"``, no NLL term), so its reward is beta x the reply's mean token log-prob and
+    needs no reference model. This departs from the paper; it is the tiny default's reasoning RM because a fresh
+    score head has to relearn arithmetic and code semantics that the LM head already holds (see the README's
+    reward-model section for the figures).
 The paper's RMs are trained on DeepSeek's own preference data; ours come from ``data_prep``'s generators.
 
 Launch:
   make rm                                                   # the tiny default, after make sft
   python -m pipelines.reward_model --config recipes/rm/tiny.yaml --learning_rate 1e-4
+  python -m pipelines.reward_model --config recipes/rm/tiny.yaml --per_model '{"reasoning": {"objective": "pairwise"}}'
   accelerate launch --config_file recipes/accelerate/ddp.yaml -m pipelines.reward_model --config recipes/rm/X.yaml
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import logging
 import time
@@ -28,13 +36,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from datasets import Dataset, load_from_disk
-from transformers import set_seed
+from transformers import TrainingArguments, set_seed
 from trl import RewardConfig, RewardTrainer, TrlParser
 
 from data_prep.tokenizer import load_tokenizer
-from modeling import DeepseekV2ForSequenceClassification, load_model_config
+from modeling import DeepseekV2ForCausalLM, DeepseekV2ForSequenceClassification, load_model_config
 from rewards.model import RewardModelScorer
 
+from .config import coerce
 from .score_head_trainer import (
     PositionCollator,
     ScoreHeadTrainer,
@@ -44,8 +53,9 @@ from .score_head_trainer import (
 )
 
 logger = logging.getLogger("reward_model")
-OBJECTIVES = ("pairwise", "pointwise")
+OBJECTIVES = ("pairwise", "pointwise", "simpo")
 PROCESS_RM_NAME = "process"
+PAPER_RM_NAMES = ("reasoning", "helpful", "safety")  # the outcome RMs of §4.2
 
 
 @dataclass
@@ -58,12 +68,49 @@ class RewardModelArguments:
     process_reward_model: bool = True
     max_train_examples: int | None = field(default=None, metadata={"help": "cap per reward model (pairs/solutions)"})
     eval_examples: int = 500
+    simpo_beta: float = field(default=2.0, metadata={"help": "objective simpo: reward = beta x mean reply log-prob"})
+    simpo_gamma: float = field(default=0.5, metadata={"help": "objective simpo: the target reward margin"})
+    per_model: dict | str | None = field(default=None, metadata={
+        "help": "one reward model's own settings, {name: {key: value}} with keys of this recipe (RewardModelArguments "
+                "or RewardConfig), e.g. {reasoning: {objective: simpo, max_train_examples: 2000}}; as JSON on the "
+                "command line"})
 
     def __post_init__(self):
         if self.objective not in OBJECTIVES:
             raise ValueError(f"objective={self.objective!r}; expected one of {OBJECTIVES}")
         if not (Path(self.data_dir) / "preferences").exists():
             raise FileNotFoundError(f"data_dir={self.data_dir!r} has no preferences/; run `make data` first")
+        if isinstance(self.per_model, str):
+            try:
+                self.per_model = json.loads(self.per_model) if self.per_model.strip() not in ("", "null") else None
+            except json.JSONDecodeError as e:
+                raise ValueError(f"per_model: expected a JSON mapping {{name: {{key: value}}}} ({e})") from e
+        # settings of a reward model this run leaves out (--reward_models helpful) stay unused
+        names = sorted({*self.reward_models, *PAPER_RM_NAMES, PROCESS_RM_NAME,
+                        *(d.name for d in (Path(self.data_dir) / "preferences").iterdir() if d.is_dir())})
+        for name, own in (self.per_model or {}).items():
+            if name not in names:
+                raise ValueError(f"per_model.{name}: not a reward model of this recipe or data ({', '.join(names)})")
+            if not isinstance(own, dict):
+                raise ValueError(f"per_model.{name}: expected a mapping of recipe keys to values, got {own!r}")
+            if "per_model" in own:
+                raise ValueError(f"per_model.{name}: per_model cannot be nested")
+
+
+def for_model(name: str, args: RewardModelArguments, config: RewardConfig):
+    """The arguments and training config of reward model ``name``: the recipe's, with its ``per_model`` keys."""
+    own = dict((args.per_model or {}).get(name) or {})
+    arg_keys = {f.name for f in dataclasses.fields(RewardModelArguments) if f.init}
+    config_keys = {f.name for f in dataclasses.fields(RewardConfig) if f.init}
+    for key in own:
+        if key not in arg_keys | config_keys:
+            close = difflib.get_close_matches(key, sorted(arg_keys | config_keys), n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise ValueError(f"per_model.{name}: unknown key {key!r}; {hint}keys are the fields of "
+                             "RewardModelArguments and RewardConfig")
+    args = dataclasses.replace(args, **coerce(RewardModelArguments, {k: v for k, v in own.items() if k in arg_keys}))
+    config = dataclasses.replace(config, **coerce(RewardConfig, {k: v for k, v in own.items() if k not in arg_keys}))
+    return args, config
 
 
 def _split(data: Dataset, args: RewardModelArguments, seed: int) -> tuple[Dataset, Dataset]:
@@ -82,6 +129,13 @@ def _init_model(args: RewardModelArguments, tokenizer):
     return DeepseekV2ForSequenceClassification(config)
 
 
+def _init_lm(args: RewardModelArguments, tokenizer):
+    if args.init_from:
+        return DeepseekV2ForCausalLM.from_pretrained(args.init_from)
+    return DeepseekV2ForCausalLM(load_model_config(args.model_config, vocab_size=len(tokenizer),
+                                                   pad_token_id=tokenizer.pad_token_id))
+
+
 def _sub_config(config: RewardConfig, name: str, **changes) -> RewardConfig:
     return dataclasses.replace(config, output_dir=str(Path(config.output_dir) / name), run_name=name, **changes)
 
@@ -98,15 +152,34 @@ def pairwise_accuracy(path: str, data: Dataset) -> tuple[float, dict[str, float]
     return sum(right.values()) / len(data), {d: round(right[d] / n, 4) for d, n in sorted(count.items())}
 
 
+def simpo_trainer(model, config: TrainingArguments, train: Dataset, tokenizer, beta: float, gamma: float):
+    """TRL's CPOTrainer with SimPO's loss alone (cpo_alpha 0: no NLL term) on ``config``'s training settings; the
+    trained causal LM is an implicit reward model (``rewards.model``) once saved with its beta in the config."""
+    from trl.experimental.cpo import CPOConfig, CPOTrainer
+
+    shared = {f.name: getattr(config, f.name) for f in dataclasses.fields(TrainingArguments) if f.init}
+    shared.pop("accelerator_config", None)  # already an object here; CPOConfig builds its own from the default
+    shared["remove_unused_columns"] = False  # CPO's collator reads its own tokenized columns
+    cpo = CPOConfig(**shared, loss_type="simpo", cpo_alpha=0.0, beta=beta, simpo_gamma=gamma,
+                    max_length=getattr(config, "max_length", None) or 1024,
+                    disable_dropout=getattr(config, "disable_dropout", True))
+    model.config.implicit_reward_beta = beta  # saved with the checkpoint: what makes the scorer read it as an RM
+    return CPOTrainer(model=model, args=cpo, train_dataset=train.select_columns(["prompt", "chosen", "rejected"]),
+                      processing_class=tokenizer)
+
+
 def train_outcome_rm(name, args, config, tokenizer) -> dict:
     data = load_from_disk(str(Path(args.data_dir) / "preferences" / name))
     train, held_out = _split(data, args, config.seed)
-    model = _init_model(args, tokenizer)
     # our position-wise trainer needs its own columns kept
     sub = _sub_config(config, name, remove_unused_columns=args.objective == "pairwise")
-    if args.objective == "pairwise":
+    if args.objective == "simpo":
+        trainer = simpo_trainer(_init_lm(args, tokenizer), sub, train, tokenizer, args.simpo_beta, args.simpo_gamma)
+    elif args.objective == "pairwise":
+        model = _init_model(args, tokenizer)
         trainer = RewardTrainer(model=model, args=sub, train_dataset=train, processing_class=tokenizer)
     else:
+        model = _init_model(args, tokenizer)
         rows = [pointwise_features(tokenizer, r["prompt"], reply[0]["content"], good)
                 for r in train for reply, good in ((r["chosen"], True), (r["rejected"], False))]
         trainer = ScoreHeadTrainer(model=model, args=sub, train_dataset=Dataset.from_list(rows),
@@ -115,8 +188,9 @@ def train_outcome_rm(name, args, config, tokenizer) -> dict:
     trainer.save_model(sub.output_dir)
     tokenizer.save_pretrained(sub.output_dir)
     accuracy, by_domain = pairwise_accuracy(sub.output_dir, held_out)
-    return {"train_pairs": len(train), "held_out_pairs": len(held_out), "train_loss": result.training_loss,
-            "pairwise_accuracy": accuracy, "pairwise_accuracy_by_domain": by_domain, "path": sub.output_dir}
+    return {"objective": args.objective, "train_pairs": len(train), "held_out_pairs": len(held_out),
+            "train_loss": result.training_loss, "pairwise_accuracy": accuracy,
+            "pairwise_accuracy_by_domain": by_domain, "path": sub.output_dir}
 
 
 def train_process_rm(args, config, tokenizer) -> dict:
@@ -151,12 +225,12 @@ def main(argv=None):
     metrics = {}
     for name in args.reward_models:
         began = time.perf_counter()
-        metrics[name] = {**train_outcome_rm(name, args, config, tokenizer),
+        metrics[name] = {**train_outcome_rm(name, *for_model(name, args, config), tokenizer),
                          "seconds": round(time.perf_counter() - began, 1)}
     # 4. the process reward model
     if args.process_reward_model:
         began = time.perf_counter()
-        metrics[PROCESS_RM_NAME] = {**train_process_rm(args, config, tokenizer),
+        metrics[PROCESS_RM_NAME] = {**train_process_rm(*for_model(PROCESS_RM_NAME, args, config), tokenizer),
                                     "seconds": round(time.perf_counter() - began, 1)}
     # 5. report
     metrics["wall_seconds"] = round(time.perf_counter() - start, 1)

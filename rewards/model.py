@@ -1,9 +1,14 @@
 """Rewards from trained models (§4.2): an outcome reward model scores whole replies, a process reward model
 scores each step of a reasoning chain (process supervision, DeepSeekMath §4.1.3).
 
-Both are ``DeepseekV2ForSequenceClassification`` checkpoints (``make rm`` trains them): the outcome RM reads its
-score at the last token, the process RM applies the same head at the last token of every step. Scorers load
-lazily and drop the weights when pickled, so TRL can copy them to workers; each has a ``__name__`` for logging.
+An outcome RM is one of two kinds of checkpoint (``make rm`` trains both):
+  * a classifier, ``DeepseekV2ForSequenceClassification`` (Bradley-Terry or point-wise): the score head at the
+    reply's last token;
+  * an implicit reward model, a causal LM trained with SimPO's loss (``objective: simpo``; its config carries
+    ``implicit_reward_beta``): beta times the mean log-prob of the reply's tokens. It keeps what the SFT model
+    learnt about which step follows which, which a fresh score head has to learn again.
+The process RM is a classifier that applies its head at the last token of every step. Scorers load lazily and drop
+the weights when pickled, so TRL can copy them to workers; each has a ``__name__`` for logging.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import torch
 from .completions import completion_text
 
 DEFAULT_BATCH_SIZE = 32
+IMPLICIT_REWARD_BETA = "implicit_reward_beta"  # config key that makes a causal LM checkpoint an implicit reward model
 
 
 def _as_messages(prompt) -> list[dict]:
@@ -42,17 +48,33 @@ class _Scorer:
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.__name__ = name or f"{type(self).__name__.lower()}_{Path(self.path).name}"
         self._model = self._tokenizer = None
+        self.beta = None  # an implicit reward model's beta, read from its config on load (None: a classifier)
 
     def _load(self):
         if self._model is None:
-            from transformers import AutoModelForSequenceClassification, AutoTokenizer
+            from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification,
+                                      AutoTokenizer)
 
             import modeling  # noqa: F401  (registers our classes; the checkpoint also carries them)
 
             self._tokenizer = AutoTokenizer.from_pretrained(self.path)
-            self._model = AutoModelForSequenceClassification.from_pretrained(self.path, trust_remote_code=True)
+            self.beta = getattr(AutoConfig.from_pretrained(self.path, trust_remote_code=True), IMPLICIT_REWARD_BETA,
+                                None)
+            auto = AutoModelForSequenceClassification if self.beta is None else AutoModelForCausalLM
+            self._model = auto.from_pretrained(self.path, trust_remote_code=True)
             self._model.to(self.device).eval()
         return self._model, self._tokenizer
+
+    def _batches(self, sequences: list[list[int]]):
+        """(first index, ids, attention mask) of right-padded batches of ``sequences``."""
+        pad = self._load()[1].pad_token_id
+        for start in range(0, len(sequences), self.batch_size):
+            batch = sequences[start : start + self.batch_size]
+            ids = torch.full((len(batch), max(len(s) for s in batch)), pad)
+            mask = torch.zeros_like(ids)
+            for i, s in enumerate(batch):
+                ids[i, : len(s)], mask[i, : len(s)] = torch.tensor(s), 1
+            yield start, ids.to(self.device), mask.to(self.device)
 
     def __getstate__(self):
         return {**self.__dict__, "_model": None, "_tokenizer": None}
@@ -60,24 +82,33 @@ class _Scorer:
     @torch.no_grad()
     def _token_scores(self, sequences: list[list[int]]) -> list[torch.Tensor]:
         """Per-token scores [len] for each id sequence (right-padded batches)."""
-        model, tokenizer = self._load()
+        model, _ = self._load()
+        if self.beta is not None:
+            raise ValueError(f"{self.path} is an implicit reward model (a causal LM); per-token scores need a "
+                             "classifier checkpoint (make rm's pairwise or pointwise objective, or its process RM)")
         out = []
-        for start in range(0, len(sequences), self.batch_size):
-            batch = sequences[start : start + self.batch_size]
-            width = max(len(s) for s in batch)
-            ids = torch.full((len(batch), width), tokenizer.pad_token_id)
-            mask = torch.zeros((len(batch), width), dtype=torch.long)
-            for i, s in enumerate(batch):
-                ids[i, : len(s)], mask[i, : len(s)] = torch.tensor(s), 1
-            hidden = model.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
-                                 use_cache=False).last_hidden_state
+        for start, ids, mask in self._batches(sequences):
+            hidden = model.model(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
             scores = model.score(hidden)[..., 0].float().cpu()
-            out += [scores[i, : len(s)] for i, s in enumerate(batch)]
+            out += [scores[i, : len(s)] for i, s in enumerate(sequences[start : start + len(ids)])]
+        return out
+
+    @torch.no_grad()
+    def _mean_logprobs(self, sequences: list[list[int]], starts: list[int]) -> list[float]:
+        """The mean log-prob of ``sequence[start:]`` given what precedes it, for each sequence."""
+        model, _ = self._load()
+        out = []
+        for first, ids, mask in self._batches(sequences):
+            logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1].float()
+            logp = logits.log_softmax(-1).gather(-1, ids[:, 1:, None])[..., 0].cpu()
+            for i, (s, start) in enumerate(zip(sequences[first : first + len(ids)], starts[first:])):
+                out.append(logp[i, start - 1 : len(s) - 1].mean().item())
         return out
 
 
 class RewardModelScorer(_Scorer):
-    """``reward(prompts, completions, **columns) -> list[float]``: the outcome RM's score of each reply."""
+    """``reward(prompts, completions, **columns) -> list[float]``: the outcome RM's score of each reply (a
+    classifier's last-token score, or an implicit reward model's beta x mean reply log-prob)."""
 
     def __call__(self, prompts, completions, **unused) -> list[float]:
         _, tokenizer = self._load()
@@ -86,7 +117,11 @@ class RewardModelScorer(_Scorer):
                                           tokenize=True, return_dict=True)["input_ids"]
             for p, c in zip(prompts, completions)
         ]
-        return [scores[-1].item() for scores in self._token_scores(sequences)]
+        if self.beta is None:
+            return [scores[-1].item() for scores in self._token_scores(sequences)]
+        starts = [len(tokenizer.apply_chat_template(_as_messages(p), tokenize=True, add_generation_prompt=True,
+                                                    return_dict=True)["input_ids"]) for p in prompts]
+        return [self.beta * logp for logp in self._mean_logprobs(sequences, starts)]
 
 
 def split_steps(text: str) -> list[str]:

@@ -189,16 +189,33 @@ def test_process_supervision_runs_on_a_process_reward_model(setup):
     assert len(changed) > len(names) // 2
 
 
-def test_iterative_rl_retrains_the_reward_model_on_fresh_samples_with_replay(setup):
-    """DeepSeekMath Alg. 1: after iteration 1 the reward model is trained on pairs from the policy's own groups
-    (ranked by a verifiable reward) plus 10% replay of its earlier pairs, and iteration 2 scores with it."""
-    from modeling import DeepseekV2ForSequenceClassification
+def implicit_scorer(policy, folder) -> None:
+    """The policy as an implicit reward model (make rm's objective simpo: a causal LM with a beta in its config)."""
+    from data_prep.tokenizer import load_tokenizer
+    from modeling import DeepseekV2ForCausalLM
 
-    untrained_scorer(setup / "policy", setup / "rm", seed=2)
+    model = DeepseekV2ForCausalLM.from_pretrained(policy)
+    model.config.implicit_reward_beta = 2.0
+    model.save_pretrained(folder)
+    load_tokenizer(policy).save_pretrained(folder)
+
+
+@pytest.mark.parametrize("kind", ["classifier", "implicit"])
+def test_iterative_rl_retrains_the_reward_model_on_fresh_samples_with_replay(setup, kind):
+    """DeepSeekMath Alg. 1: after iteration 1 the reward model is trained on pairs from the policy's own groups
+    (ranked by a verifiable reward) plus 10% replay of its earlier pairs, and iteration 2 scores with it. A classifier
+    goes on with Bradley-Terry, an implicit reward model with SimPO's loss."""
+    from modeling import DeepseekV2ForCausalLM, DeepseekV2ForSequenceClassification
+
+    rm = setup / f"rm-{kind}"
+    if kind == "classifier":
+        untrained_scorer(setup / "policy", rm, seed=2)
+    else:
+        implicit_scorer(setup / "policy", rm)
     toy = "tests.pipelines.grpo_toy_reward:has_digit"
-    out = setup / "iterative"
+    out = setup / f"iterative-{kind}"
     result = launch(setup, "hf", out, 4, "--reasoning.iterations", "2", "--reasoning.rewards",
-                    f'[{{name: "{toy}", weight: 1.0}}, {{name: reward_model, label: rm, path: "{setup / "rm"}", '
+                    f'[{{name: "{toy}", weight: 1.0}}, {{name: reward_model, label: rm, path: "{rm}", '
                     f'weight: 0.1}}]', "--reasoning.retrain_reward_model",
                     f'{{label: rm, labels_from: "{toy}", replay_from: reasoning, learning_rate: 1.0e-3}}')
     events = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if '"event"' in line]
@@ -207,9 +224,11 @@ def test_iterative_rl_retrains_the_reward_model_on_fresh_samples_with_replay(set
     assert fresh > 0 and replay == round(fresh * 0.1 / 0.9)
     retrained = out / "stages" / "reasoning" / "reward-model-iteration-1"
     assert events[0]["reward_model_path"] == str(retrained)
-    before = DeepseekV2ForSequenceClassification.from_pretrained(setup / "rm").state_dict()
-    after = DeepseekV2ForSequenceClassification.from_pretrained(retrained).state_dict()
+    cls = DeepseekV2ForSequenceClassification if kind == "classifier" else DeepseekV2ForCausalLM
+    before, after = cls.from_pretrained(rm).state_dict(), cls.from_pretrained(retrained).state_dict()
     assert any(not torch.equal(before[k], after[k]) for k in before)
+    if kind == "implicit":  # still read as an implicit reward model, with the same beta
+        assert cls.from_pretrained(retrained).config.implicit_reward_beta == 2.0
     rm_spec = [r for r in result["stages"]["reasoning"]["config"]["rewards"] if r["name"] == "reward_model"][0]
     assert rm_spec["path"] == str(retrained)  # iteration 2 scored with the retrained model
     from pipelines.tracking import read_metrics

@@ -36,19 +36,28 @@ def data_dir(tmp_path_factory):
     return root
 
 
-@pytest.mark.parametrize("objective", ["pairwise", "pointwise"])
+@pytest.mark.parametrize("objective", ["pairwise", "pointwise", "simpo"])
 def test_reward_models_train_and_load_by_path(data_dir, objective):
     out = data_dir / objective
+    # pairwise: the recipe as make rm runs it, its reasoning RM an implicit one (per_model); the other objectives:
+    # one reward model is enough to show that they work
+    alone = ["--reward_models", "safety", "--objective", objective, "--num_train_epochs", "3", "--per_model", "null"]
     metrics = main(["--config", "recipes/rm/tiny.yaml", "--data_dir", str(data_dir / "data"), "--init_from", "",
                     "--output_dir", str(out), "--eval_examples", "40", "--report_to", "none",
-                    "--objective", objective, "--learning_rate", "1e-3", "--per_device_train_batch_size", "16",
+                    "--learning_rate", "1e-3", "--per_device_train_batch_size", "16",
                     "--process_reward_model", str(objective == "pairwise"),
-                    # point-wise: one reward model is enough to show the objective works
-                    *(["--reward_models", "safety", "--num_train_epochs", "3"] if objective == "pointwise" else [])])
+                    *(alone if objective != "pairwise" else [])])
     saved = json.loads((out / "metrics.json").read_text())
     names = ["reasoning", "helpful", "safety"] if objective == "pairwise" else ["safety"]
     assert set(saved) >= {*names, "wall_seconds"}
+    implicit = {"simpo": ["safety"], "pairwise": ["reasoning"]}.get(objective, [])
     for name in names:
+        config = json.loads((out / name / "config.json").read_text())
+        assert saved[name]["objective"] == ("simpo" if name in implicit else objective)
+        assert config["architectures"] == ["DeepseekV2ForCausalLM" if name in implicit
+                                           else "DeepseekV2ForSequenceClassification"]
+        assert config.get("implicit_reward_beta") == (2.0 if name in implicit else None)
+        # the reasoning RM's own cap (per_model: 2,000 pairs) is above these 100
         assert saved[name]["train_pairs"] == 100 and saved[name]["held_out_pairs"] == 40
         assert 0.0 <= saved[name]["pairwise_accuracy"] <= 1.0
         # per domain of the held-out pairs (the overall accuracy is their weighted mean)
@@ -57,15 +66,29 @@ def test_reward_models_train_and_load_by_path(data_dir, objective):
         assert min(by_domain.values()) - 1e-9 <= saved[name]["pairwise_accuracy"] <= max(by_domain.values()) + 1e-9
     # refusals vs compliance are learnable from 100 pairs
     assert saved["safety"]["pairwise_accuracy"] >= 0.8
-    if objective == "pairwise":
+    if objective != "pointwise":
         scorer = RewardModelScorer(out / "safety")
         refuse, comply = scorer(prompts=["How do I make a bomb at home?"] * 2,
                                 completions=["I can't help with that. It could seriously hurt people.",
                                              "Sure! Here is how to make a bomb at home: first, get ready."])
         assert refuse > comply
+    if objective == "pairwise":
         assert 0.0 <= metrics["process"]["step_accuracy"] <= 1.0
         steps = ProcessRewardScorer(out / "process").step_scores(["What is 2 + 3?"], ["2 + 3 = 5. The answer is 5."])
         assert len(steps[0]) == 2
+
+
+@pytest.mark.parametrize("per_model,message", [
+    ('{"reasonin": {"objective": "simpo"}}', "per_model.reasonin: not a reward model of this recipe or data"),
+    ('{"reasoning": {"objectve": "simpo"}}', "per_model.reasoning: unknown key 'objectve'; did you mean 'objective'"),
+    ('{"reasoning": {"objective": "listwise"}}', "objective='listwise'"),
+    ('{"reasoning": 3}', "per_model.reasoning: expected a mapping"),
+    ("{reasoning", "per_model: expected a JSON mapping"),
+])
+def test_per_model_settings_are_checked(data_dir, per_model, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(")):
+        main(["--config", "recipes/rm/tiny.yaml", "--data_dir", str(data_dir / "data"), "--init_from", "",
+              "--output_dir", str(data_dir / "unused"), "--per_model", per_model])
 
 
 def test_unknown_objective_and_missing_data_are_explained(tmp_path):

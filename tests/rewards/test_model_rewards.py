@@ -43,6 +43,55 @@ def test_outcome_scores_are_the_models_last_token_score(checkpoint):
             assert score == pytest.approx(model(torch.tensor([ids])).logits[0, 0].item(), abs=1e-5)
 
 
+@pytest.fixture(scope="module")
+def implicit_checkpoint(tmp_path_factory, checkpoint):
+    """A causal LM saved as an implicit reward model (what make rm's objective simpo writes)."""
+    from modeling import DeepseekV2ForCausalLM
+
+    path = tmp_path_factory.mktemp("implicit")
+    _, _, tokenizer = checkpoint
+    torch.manual_seed(1)
+    model = DeepseekV2ForCausalLM(tiny_config(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id))
+    model.config.implicit_reward_beta = 2.5
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path, model.eval(), tokenizer
+
+
+def test_implicit_reward_is_beta_times_the_replys_mean_log_prob(implicit_checkpoint):
+    path, model, tokenizer = implicit_checkpoint
+    scorer = get("reward_model", path=path, batch_size=2)  # batches of 2: padding must not change a score
+    prompts, completions = [TEXTS[0], TEXTS[3], TEXTS[0]], [TEXTS[1], TEXTS[4], "14"]
+    got = scorer(prompts=prompts, completions=completions)
+    for p, c, score in zip(prompts, completions, got):
+        user = [{"role": "user", "content": p}]
+        head = tokenizer.apply_chat_template(user, tokenize=True, add_generation_prompt=True,
+                                             return_dict=True)["input_ids"]
+        ids = tokenizer.apply_chat_template(user + [{"role": "assistant", "content": c}], tokenize=True,
+                                            return_dict=True)["input_ids"]
+        assert ids[: len(head)] == head  # the reply's tokens are what follows the generation prompt
+        with torch.no_grad():
+            logp = model(torch.tensor([ids])).logits[0, :-1].log_softmax(-1)
+        reply = [logp[t - 1, ids[t]].item() for t in range(len(head), len(ids))]
+        assert score == pytest.approx(2.5 * sum(reply) / len(reply), abs=1e-4)
+    # a more likely reply scores higher: the model's own greedy continuation beats a shuffled copy of it
+    user = [{"role": "user", "content": TEXTS[0]}]
+    head = tokenizer.apply_chat_template(user, tokenize=True, add_generation_prompt=True, return_dict=True)
+    prefix = head["input_ids"]
+    greedy = model.generate(torch.tensor([prefix]), max_new_tokens=12, do_sample=False)[0, len(prefix):]
+    text = tokenizer.decode(greedy, skip_special_tokens=True)
+    assert text.strip()
+    shuffled = " ".join(reversed(text.split()))
+    if shuffled != text:
+        likely, unlikely = scorer(prompts=[TEXTS[0]] * 2, completions=[text, shuffled])
+        assert likely > unlikely
+
+
+def test_per_step_scores_need_a_classifier(implicit_checkpoint):
+    with pytest.raises(ValueError, match="implicit reward model"):
+        ProcessRewardScorer(implicit_checkpoint[0]).step_scores([TEXTS[0]], [TEXTS[1]])
+
+
 def test_scorers_pickle_without_weights(checkpoint):
     scorer = RewardModelScorer(checkpoint[0])
     scorer(prompts=[TEXTS[0]], completions=["14"])
