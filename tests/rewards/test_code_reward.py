@@ -125,10 +125,12 @@ def test_humaneval_rows_loaded_by_data_prep_are_checked(humaneval):
     assert sum(reward < 1.0 for reward in broken) >= MIN_BROKEN_CAUGHT
 
 
-def test_sandbox_benchmark_scores_like_the_plain_way(humaneval):
+def test_sandbox_benchmark_scores_like_the_plain_way(humaneval, tmp_path, monkeypatch):
     """`make bench`'s sandbox section: ours and a plain subprocess each agree that canonical solutions pass."""
     from benchmarks import sandbox_throughput
 
+    monkeypatch.setattr("benchmarks.RESULTS", tmp_path)  # keep make bench's own figures where they are
     result = sandbox_throughput.main(["--humaneval", str(HUMANEVAL), "--limit", "8", "--repeats", "1"])
     assert result["passed"] == {"ours": 8, "plain": 8}
+    assert (tmp_path / "sandbox_throughput.json").exists()
     assert result["completions_per_second"]["ours"] > 0 and result["ratio_vs_plain"] > 0

@@ -74,17 +74,7 @@ def test_implicit_reward_is_beta_times_the_replys_mean_log_prob(implicit_checkpo
             logp = model(torch.tensor([ids])).logits[0, :-1].log_softmax(-1)
         reply = [logp[t - 1, ids[t]].item() for t in range(len(head), len(ids))]
         assert score == pytest.approx(2.5 * sum(reply) / len(reply), abs=1e-4)
-    # a more likely reply scores higher: the model's own greedy continuation beats a shuffled copy of it
-    user = [{"role": "user", "content": TEXTS[0]}]
-    head = tokenizer.apply_chat_template(user, tokenize=True, add_generation_prompt=True, return_dict=True)
-    prefix = head["input_ids"]
-    greedy = model.generate(torch.tensor([prefix]), max_new_tokens=12, do_sample=False)[0, len(prefix):]
-    text = tokenizer.decode(greedy, skip_special_tokens=True)
-    assert text.strip()
-    shuffled = " ".join(reversed(text.split()))
-    if shuffled != text:
-        likely, unlikely = scorer(prompts=[TEXTS[0]] * 2, completions=[text, shuffled])
-        assert likely > unlikely
+    # a trained implicit RM ranking a refusal over compliance: tests/pipelines/test_reward_model.py
 
 
 def test_per_step_scores_need_a_classifier(implicit_checkpoint):
