@@ -8,6 +8,29 @@ may share a held-out prompt (compared after ``dedup.normalize``): such draws are
 finished build is checked again. Exact duplicates are removed (all sources), near duplicates for file sources,
 and file sources are decontaminated against the held-out sets and ``decontaminate.against`` files by n-gram
 overlap. Every count lands in ``report.json`` / ``report.md`` next to the data.
+
+Any set may come from a file (read by ``readers.load``) instead of a generator::
+
+    sft:
+      sources:   # a file source without count or weight takes every row
+        - {name: gsm8k, path: train.jsonl, domain: math, instruction: &ask "Show your work."}
+    rl:
+      math: {path: train.jsonl, format: gsm8k, count: 5000, instruction: *ask}
+    heldout:
+      math: {path: test.jsonl, instruction: *ask}   # an integer count still means generated rows
+    preferences:
+      safety: {path: harmless-base-test.jsonl.gz, format: hh, on_error: skip}
+    tokenizer: {train: false}   # nothing generated: the model brings its own tokenizer
+
+A file entry takes ``path``, ``format`` (auto or a ``readers.FORMATS`` name), ``count`` (absent: every usable row,
+in the file's order; fewer: a seeded shuffle; more than the file has: an error), ``on_error`` (raise | skip),
+``domain`` (absent: the record's or the format's) and ``instruction``: a text appended, after a blank line, to the
+last user turn of every row read from that file (SFT sources take it too), so SFT, RL and held-out prompts can all
+ask the same way. Rows are checked against the held-out sets before the instruction is added (an instruction shared
+by every prompt would otherwise make the last 13-gram of many prompts an "overlap"). RL and preference rows from
+files that share a held-out prompt (exactly or by n-gram overlap) are dropped, as are exact duplicates, and counted
+under ``file_sets`` in the report. A held-out file whose format has reference replies (GSM8K, HumanEval, chat) adds
+them to ``heldout/chat``.
 """
 
 from __future__ import annotations
@@ -17,7 +40,7 @@ import json
 import random
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -28,9 +51,9 @@ from datasets import Dataset
 from datasets.table import InMemoryTable
 
 from .dedup import DECONTAMINATION_NGRAM, Decontaminator, MinHashLSH, normalize
-from .errors import SkipReport
+from .errors import ON_ERROR, SkipReport
 from .generators import DOMAINS, Example, generator
-from .readers import load
+from .readers import FORMATS, KIND_FORMATS, load
 from .schema import FEATURES
 from .tokenizer import conversation_texts, load_tokenizer, train_tokenizer
 
@@ -59,6 +82,25 @@ class Source:
     near_dedup: bool | None = None  # default: on for files, off for generators
     dedup: bool = True  # exact-duplicate removal; small template spaces may opt out to reach their count
     params: dict | None = None  # generator parameters for this source only, over the recipe's generators.<name>
+    instruction: str | None = None  # files only: appended (after a blank line) to the last user turn of every row
+
+
+@dataclass
+class FileSet:
+    """An RL prompt set, held-out set or preference set read from a file rather than drawn from a generator."""
+
+    path: str
+    format: str = "auto"
+    count: int | None = None  # None: every usable row, in the file's order
+    on_error: str = "raise"
+    domain: str | None = None  # None: the record's own ``domain``, else the format's (gsm8k: math, hh: safety)
+    instruction: str | None = None  # appended (after a blank line) to the last user turn of every row
+
+
+FILE_KEYS = tuple(f.name for f in fields(FileSet))
+SOURCE_KEYS = tuple(f.name for f in fields(Source))
+RL_KEYS = ("count", "generator", "dedup", "params")
+PREFERENCE_KEYS = ("count", "generators")
 
 
 @dataclass
@@ -69,10 +111,10 @@ class MixtureSpec:
     output_dir: str = "runs/data/default"
     sft_total: int | None = None
     sources: list[Source] = field(default_factory=list)
-    preferences: dict = field(default_factory=dict)  # rm name -> {count, generators}
-    rl: dict = field(default_factory=dict)  # set name -> {count, generator}
+    preferences: dict = field(default_factory=dict)  # rm name -> {count, generators} or a FileSet
+    rl: dict = field(default_factory=dict)  # set name -> {count, generator} or a FileSet
     process: dict = field(default_factory=dict)  # {count}: step-labelled math solutions for the process RM
-    heldout: dict = field(default_factory=dict)  # domain -> count
+    heldout: dict = field(default_factory=dict)  # domain -> count (generated) or a FileSet
     decontaminate_against: list[str] = field(default_factory=list)
     tokenizer: dict = field(default_factory=lambda: {"train": True, "vocab_size": 2048})
     generators: dict = field(default_factory=dict)  # domain -> parameters of its generator, for every set
@@ -104,30 +146,99 @@ def load_spec(path: str | Path) -> MixtureSpec:
         _check_params(spec, f"generators.{domain}", domain)
     for i, entry in enumerate(sft.get("sources") or []):
         where = f"sft.sources[{i}]"
+        _check_keys(path, where, entry, SOURCE_KEYS)
         try:
             source = Source(**entry)
         except TypeError as e:
             raise SpecError(path, where, str(e)) from e
         if (source.generator is None) == (source.path is None):
             raise SpecError(path, where, "give exactly one of generator: or path:")
+        if source.path is not None:
+            _check_file_fields(path, where, source)
+        elif source.instruction is not None:
+            raise SpecError(path, f"{where}.instruction", "an instruction is for file rows (path:); a generator "
+                            "writes its own prompts")
         if source.generator is not None and source.generator not in DOMAINS:
             raise SpecError(path, f"{where}.generator", f"{source.generator!r} is not one of {DOMAINS}")
         if source.params is not None:
             if source.generator is None:
                 raise SpecError(path, f"{where}.params", "generator parameters need generator:")
             _check_params(spec, f"{where}.params", source.generator, source.params)
-        if (source.count is None) == (source.weight is None):
-            raise SpecError(path, where, "give exactly one of count: or weight:")
+        if source.count is not None and source.weight is not None:
+            raise SpecError(path, where, "give count: or weight:, not both")
+        if source.count is None and source.weight is None and source.path is None:
+            raise SpecError(path, where, "give exactly one of count: or weight: (a file source without either "
+                            "takes every row)")
         if source.weight is not None and not spec.sft_total:
             raise SpecError(path, where, "weight: needs sft.total")
         spec.sources.append(source)
     for name, entry in spec.rl.items():
+        spec.rl[name] = entry = _set_entry(path, f"rl.{name}", entry, "generator", RL_KEYS)
+        if isinstance(entry, FileSet):
+            continue
+        if entry["generator"] not in DOMAINS:
+            raise SpecError(path, f"rl.{name}.generator", f"{entry['generator']!r} is not one of {DOMAINS}")
         if entry.get("params") is not None:
             _check_params(spec, f"rl.{name}.params", entry.get("generator"), entry["params"])
-    for rm in spec.preferences:
+    for rm, entry in spec.preferences.items():
         if rm not in PREFERENCE_MODELS:
             raise SpecError(path, f"preferences.{rm}", f"expected one of {PREFERENCE_MODELS}")
+        spec.preferences[rm] = entry = _set_entry(path, f"preferences.{rm}", entry, "generators", PREFERENCE_KEYS)
+        if isinstance(entry, dict):
+            names = entry["generators"]
+            if not isinstance(names, list) or not names or any(n not in DOMAINS for n in names):
+                raise SpecError(path, f"preferences.{rm}.generators", f"expected a list of {DOMAINS}, got {names!r}")
+    for domain, entry in spec.heldout.items():
+        where = f"heldout.{domain}"
+        if isinstance(entry, dict):
+            if "path" not in entry:
+                raise SpecError(path, where, "expected a count (generated rows) or a file: {path: FILE, ...}")
+            spec.heldout[domain] = _set_entry(path, where, entry, None, ())
+        elif not isinstance(entry, int) or isinstance(entry, bool) or entry < 1:
+            raise SpecError(path, where, f"expected a positive count (generated rows) or {{path: FILE}}, got {entry!r}")
+        elif domain not in DOMAINS:
+            raise SpecError(path, where, f"no generator {domain!r} (one of {DOMAINS}); give a file: {{path: FILE}}")
     return spec
+
+
+def _check_keys(path: Path, where: str, entry, known: tuple[str, ...]) -> None:
+    if not isinstance(entry, dict):
+        raise SpecError(path, where, f"expected a mapping, got {entry!r}")
+    for key in entry:
+        if key not in known:
+            raise SpecError(path, f"{where}.{key}", f"unknown key; expected one of {sorted(known)}")
+
+
+def _set_entry(path: Path, where: str, entry, generator_key: str | None, generated_keys: tuple[str, ...]):
+    """A FileSet for ``{path: ...}``, else the generated entry as given (``count`` plus ``generator_key``)."""
+    if not isinstance(entry, dict):
+        raise SpecError(path, where, f"expected a mapping, got {entry!r}")
+    if "path" in entry:
+        if generator_key in entry:
+            raise SpecError(path, where, f"give exactly one of {generator_key}: or path:")
+        _check_keys(path, where, entry, FILE_KEYS)
+        file_set = FileSet(**entry)
+        _check_file_fields(path, where, file_set)
+        return file_set
+    _check_keys(path, where, entry, generated_keys)
+    if generator_key not in entry:
+        raise SpecError(path, where, f"give exactly one of {generator_key}: or path:")
+    if not isinstance(entry.get("count"), int) or entry["count"] < 1:
+        raise SpecError(path, f"{where}.count", f"a generated set needs a positive count, got {entry.get('count')!r}")
+    return entry
+
+
+def _check_file_fields(path: Path, where: str, entry: Source | FileSet) -> None:
+    if entry.format != "auto" and entry.format not in FORMATS:
+        raise SpecError(path, f"{where}.format", f"{entry.format!r}; expected auto or one of {FORMATS}")
+    if entry.on_error not in ON_ERROR:
+        raise SpecError(path, f"{where}.on_error", f"{entry.on_error!r}; expected one of {ON_ERROR}")
+    if entry.count is not None and (not isinstance(entry.count, int) or isinstance(entry.count, bool)
+                                    or entry.count < 1):
+        raise SpecError(path, f"{where}.count", f"expected a positive integer (or no count: every row), got "
+                        f"{entry.count!r}")
+    if entry.instruction is not None and (not isinstance(entry.instruction, str) or not entry.instruction.strip()):
+        raise SpecError(path, f"{where}.instruction", "expected a non-empty string")
 
 
 def _check_params(spec: MixtureSpec, where: str, name: str, own: dict | None = None) -> None:
@@ -138,8 +249,23 @@ def _check_params(spec: MixtureSpec, where: str, name: str, own: dict | None = N
         raise SpecError(spec.path, where, str(e)) from e
 
 
-def _target(spec: MixtureSpec, source: Source) -> int:
+def _target(spec: MixtureSpec, source: Source) -> int | None:
+    """The rows a source should give; None: every row of its file."""
+    if source.count is None and source.weight is None:
+        return None
     return source.count if source.count is not None else round(source.weight * spec.sft_total)
+
+
+def _with_instruction(turns: list[dict], instruction: str | None) -> list[dict]:
+    """``turns`` with ``instruction`` appended, after a blank line, to the last user turn."""
+    if not instruction:
+        return turns
+    last = max(i for i, t in enumerate(turns) if t["role"] == "user")
+    return [{**t, "content": f"{t['content']}\n\n{instruction}"} if i == last else t for i, t in enumerate(turns)]
+
+
+def _last_user(turns: list[dict]) -> str:
+    return next(t["content"] for t in reversed(turns) if t["role"] == "user")
 
 
 def _rng(seed: int, *names: str) -> random.Random:
@@ -172,7 +298,8 @@ class Builder:
     def __init__(self, spec: MixtureSpec, output_dir: str | Path | None = None):
         self.spec = spec
         self.out = Path(output_dir or spec.output_dir)
-        self.heldout_prompts: set[str] = set()
+        self.heldout_prompts: set[str] = set()  # normalized, before any file instruction is added
+        self._decon: Decontaminator | None = None
         self.report: dict = {"name": spec.name, "seed": spec.seed, "rejected_heldout_overlap": Counter()}
 
     # -- generated rows -------------------------------------------------------------------------------------
@@ -209,6 +336,10 @@ class Builder:
         the generator's reference reply, for perplexity (``eval/``)."""
         sets, chat = {}, []
         for domain, count in self.spec.heldout.items():
+            if isinstance(count, FileSet):
+                sets[domain], replies = self._heldout_file(domain, count)
+                chat += replies
+                continue
             rng = _rng(self.spec.seed, "heldout", domain)
             sample = generator(domain, **self.spec.generator_params(domain))
             rows, seen, draws = [], set(), 0
@@ -236,10 +367,74 @@ class Builder:
             sets["chat"] = _columns(chat, "conversations")
         return sets
 
+    def _heldout_file(self, domain: str, entry: FileSet) -> tuple[Dataset, list[dict]]:
+        """A held-out set read from a file (registered before its instruction is added, as generated prompts are
+        compared), and its reference conversations when the format has replies."""
+        rows = self._file_set(entry, "rl_prompts", f"heldout.{domain}", domain=entry.domain or domain, train=False)
+        self.heldout_prompts |= {normalize(_last_user(row["prompt"])) for row in rows}
+        chat = []
+        if entry.format == "auto" or entry.format in KIND_FORMATS["conversations"]:
+            try:  # the same file as conversations: GSM8K's worked solutions, HumanEval's canonical ones, chat replies
+                replies = load(entry.path, kind="conversations", format=entry.format, on_error=entry.on_error)
+            except ValueError:  # a prompt-only format (DataError is a ValueError too): no reference replies
+                replies = None
+            if replies is not None:
+                by_id = {row["id"]: row["messages"] for row in replies}
+                chat = [{"messages": _with_instruction(by_id[row["id"]], entry.instruction), "domain": row["domain"],
+                         "source": row["source"], "id": row["id"]} for row in rows if row["id"] in by_id]
+        for row in rows:
+            row["prompt"] = _with_instruction(row["prompt"], entry.instruction)
+        return _columns(rows, "rl_prompts"), chat
+
+    # -- file sets ------------------------------------------------------------------------------------------
+    def _file_set(self, entry: FileSet, kind: str, where: str, domain: str | None = None,
+                  train: bool = True) -> list[dict]:
+        """``entry.count`` rows of ``kind`` from ``entry.path`` (every row, in the file's order, when no count; else
+        a seeded shuffle). ``train``: drop exact duplicates and rows that share a held-out prompt (exactly, or by
+        n-gram overlap with the held-out sets and ``decontaminate.against``), drawing others in their place, and add
+        the instruction. Held-out rows come back as read (the caller registers them, then instructs them)."""
+        label = where.replace(".", "/")
+        skips = SkipReport(entry.path)
+        data = load(entry.path, kind=kind, format=entry.format, on_error=entry.on_error, domain=domain,
+                    source=entry.path, report=skips)
+        if entry.count is not None and entry.count > len(data):
+            skipped = f" ({skips.total_skipped} bad rows skipped)" if skips.total_skipped else ""
+            raise SpecError(self.spec.path, f"{where}.count", f"{entry.count} rows asked of {entry.path}, which has "
+                            f"{len(data)} usable rows{skipped}; ask for at most {len(data)}, or drop count: to take "
+                            "every row")
+        rows = data.to_list()
+        if entry.count is not None and entry.count < len(rows):
+            _rng(self.spec.seed, "file", label).shuffle(rows)
+        want = len(rows) if entry.count is None else entry.count
+        kept, dropped = rows[:want], Counter()
+        if train:
+            decon, seen, kept = self._decontaminator(), set(), []
+            columns = [name for name in FEATURES[kind] if name not in ("domain", "source", "id")]
+            for row in rows:
+                if len(kept) == want:
+                    break
+                users = [t["content"] for t in row["prompt"] if t["role"] == "user"]
+                key = hash(normalize(json.dumps([row[name] for name in columns])))
+                if key in seen:
+                    dropped["exact duplicate"] += 1
+                elif normalize(users[-1]) in self.heldout_prompts:
+                    dropped["held-out prompt"] += 1
+                elif decon.contaminated(" ".join(users)):
+                    dropped["eval overlap (decontaminated)"] += 1
+                else:
+                    seen.add(key)
+                    row["prompt"] = _with_instruction(row["prompt"], entry.instruction)
+                    kept.append(row)
+            if entry.count is not None and len(kept) < want:  # the drops outnumbered the rows left to draw
+                self.report.setdefault("shortfall", {})[label] = want - len(kept)
+        self.report.setdefault("file_sets", {})[label] = {
+            "path": entry.path, "wanted": "all" if entry.count is None else entry.count, "read": skips.kept,
+            "skipped_bad_rows": dict(skips.skipped), "dropped": dict(dropped), "realised": len(kept)}
+        return kept
+
     # -- SFT ------------------------------------------------------------------------------------------------
     def sft(self) -> Dataset:
         rows, counts = [], {}
-        decon = None
         for source in self.spec.sources:
             want = _target(self.spec, source)
             if source.generator:
@@ -249,23 +444,25 @@ class Builder:
                 new = [{**_conversation(e, source.name, f"{source.name}/{i}"), "domain": source.domain}
                        for i, e in enumerate(drawn)]
             else:
-                if decon is None:
-                    decon = self._decontaminator()
-                new = self._file_rows(source, want, decon)
-            counts[source.name] = {"domain": source.domain, "wanted": want, "realised": len(new)}
+                new = self._file_rows(source, want, self._decontaminator())
+            counts[source.name] = {"domain": source.domain, "wanted": "all" if want is None else want,
+                                   "realised": len(new)}
             rows += new
         self.report["sft_sources"] = counts
         self.report["sft_domains"] = dict(Counter(r["domain"] for r in rows))
         return _columns(rows, "conversations")
 
     def _decontaminator(self) -> Decontaminator:
-        texts = list(self.heldout_prompts)
-        for path in self.spec.decontaminate_against:
-            eval_set = load(path, kind="rl_prompts", on_error="skip")
-            texts += [p[-1]["content"] for p in eval_set["prompt"]]
-        return Decontaminator(texts)
+        """Built once, after the held-out sets (which every caller follows)."""
+        if self._decon is None:
+            texts = list(self.heldout_prompts)
+            for path in self.spec.decontaminate_against:
+                eval_set = load(path, kind="rl_prompts", on_error="skip")
+                texts += [p[-1]["content"] for p in eval_set["prompt"]]
+            self._decon = Decontaminator(texts)
+        return self._decon
 
-    def _file_rows(self, source: Source, want: int, decon: Decontaminator) -> list[dict]:
+    def _file_rows(self, source: Source, want: int | None, decon: Decontaminator) -> list[dict]:
         skips = SkipReport(source.path)
         data = load(source.path, kind="conversations", format=source.format, on_error=source.on_error, report=skips)
         order = list(range(len(data)))
@@ -287,7 +484,8 @@ class Builder:
                 dropped["near duplicate"] += 1
             else:
                 seen.add(key)
-                rows.append({**row, "domain": source.domain, "source": source.name})
+                messages = _with_instruction(row["messages"], source.instruction)
+                rows.append({**row, "messages": messages, "domain": source.domain, "source": source.name})
         self.report.setdefault("file_sources", {})[source.name] = {
             "read": skips.kept, "skipped_bad_rows": dict(skips.skipped), "dropped": dict(dropped)}
         return rows
@@ -296,6 +494,10 @@ class Builder:
     def preferences(self) -> dict[str, Dataset]:
         sets = {}
         for rm, entry in self.spec.preferences.items():
+            if isinstance(entry, FileSet):
+                sets[rm] = _columns(self._file_set(entry, "preferences", f"preferences.{rm}", entry.domain),
+                                    "preferences")
+                continue
             rng = _rng(self.spec.seed, "preferences", rm)
             drawn = self._draw(entry["generators"], entry["count"], rng, f"preferences/{rm}",
                                accept=lambda e: e.rejected is not None)
@@ -326,6 +528,9 @@ class Builder:
     def rl(self) -> dict[str, Dataset]:
         sets = {}
         for name, entry in self.spec.rl.items():
+            if isinstance(entry, FileSet):
+                sets[name] = _columns(self._file_set(entry, "rl_prompts", f"rl.{name}", entry.domain), "rl_prompts")
+                continue
             rng = _rng(self.spec.seed, "rl", name)
             drawn = self._draw([entry["generator"]], entry["count"], rng, f"rl/{name}", unique=entry.get("dedup", True),
                                params=self.spec.generator_params(entry["generator"], entry.get("params")))
@@ -410,7 +615,7 @@ def render_report(report: dict) -> str:
     lines += ["", "| SFT domain | conversations |", "|---|---:|"]
     lines += [f"| {d} | {n} |" for d, n in sorted(report.get("sft_domains", {}).items())]
     lines += ["", "| set | rows |", "|---|---:|"] + [f"| {k} | {v} |" for k, v in report.get("counts", {}).items()]
-    for key in ("rejected_heldout_overlap", "duplicates_redrawn", "shortfall", "file_sources"):
+    for key in ("rejected_heldout_overlap", "duplicates_redrawn", "shortfall", "file_sources", "file_sets"):
         if report.get(key):
             lines += ["", f"{key}: `{json.dumps(report[key])}`"]
     for key in ("overlap_with_heldout", "tokenizer_vocab_size", "avg_tokens_per_conversation", "generate_seconds",

@@ -7,7 +7,8 @@ Formats (detected from the first record's keys unless ``format=`` says):
   prompt_completion   ``prompt``, ``completion`` (strings or message lists)
   preference          ``prompt``, ``chosen``, ``rejected`` (strings or message lists)
   hh                  Anthropic HH: ``chosen`` / ``rejected`` transcripts ("\\n\\nHuman: ... \\n\\nAssistant: ...")
-  gsm8k               ``question``, ``answer`` (worked solution ending in "#### n")
+  gsm8k               ``question``, ``answer`` (worked solution ending in "#### n"; as a conversation, the reply is
+                      the worked solution ending "The answer is \\boxed{n}.", the form rewards.math reads)
   humaneval           ``prompt``, ``test``, ``entry_point`` (as conversations: ``canonical_solution`` is the reply)
   mbpp                ``text``, ``test_list`` (as conversations: ``code`` is the reply)
   rl                  ``prompt`` plus ``answer`` and/or ``tests`` (this project's own RL prompt files)
@@ -225,7 +226,7 @@ def _convert(fmt: str, kind: str, record: dict, where: str) -> dict:
             return {"prompt": [{"role": "user", "content": question}], "answer": final}
         worked = GSM8K_CALC.sub("", solution.rsplit("####", 1)[0]).strip()
         return {"messages": [{"role": "user", "content": question},
-                             {"role": "assistant", "content": f"{worked}\nThe answer is {final}."}]}
+                             {"role": "assistant", "content": f"{worked}\nThe answer is \\boxed{{{final}}}."}]}
     if fmt == "humaneval":
         code = need("prompt")
         if kind == "conversations":  # the canonical solution as the reply: SFT data, or eval's oracle completions
