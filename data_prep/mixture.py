@@ -51,7 +51,7 @@ from datasets import Dataset
 from datasets.table import InMemoryTable
 
 from .dedup import DECONTAMINATION_NGRAM, Decontaminator, MinHashLSH, normalize
-from .errors import ON_ERROR, SkipReport
+from .errors import ON_ERROR, SkipReport, logger
 from .generators import DOMAINS, Example, generator
 from .readers import FORMATS, KIND_FORMATS, load
 from .schema import FEATURES
@@ -587,6 +587,22 @@ class Builder:
         sample = sft.shuffle(seed=self.spec.seed).select(range(min(len(sft), TOKENIZER_TRAIN_CONVERSATIONS)))
         out = self.out / "tokenizer" if save else None
         return train_tokenizer(conversation_texts(sample["messages"]), spec.get("vocab_size", 2048), out)
+
+
+def ensure_built(data_dir: str | Path, recipe: str | Path | None, needs: str) -> Path:
+    """``data_dir``, built from ``recipe`` first when it has no ``needs`` set yet (e.g. ``sft``, ``preferences``,
+    ``rl``): each pipeline builds its data when missing, so a recipe runs on a fresh clone."""
+    data_dir = Path(data_dir)
+    if not (data_dir / needs).exists():
+        if not recipe:
+            raise FileNotFoundError(f"{data_dir}/{needs} does not exist and no data_recipe is set to build it "
+                                    "(python -m data_prep build RECIPE, or set data_recipe)")
+        logger.info("building the data mixture %s into %s", recipe, data_dir)
+        Builder(load_spec(recipe), data_dir).build()
+        if not (data_dir / needs).exists():
+            raise FileNotFoundError(f"{recipe} built {data_dir} without a {needs}/ set; this pipeline needs one "
+                                    f"(add it to the recipe)")
+    return data_dir
 
 
 def last_user_turns(data: Dataset) -> list[str]:

@@ -4,6 +4,11 @@
   the same ids as tokenizing the whole rendered text (segments end where the byte-level pre-tokenizer splits
   anyway; a test checks this against ``apply_chat_template``) and gives the loss mask for free: labels are -100
   except on each assistant reply and its end-of-sentence token.
+* Any other chat template (a checkpoint's own: ChatML, Llama 3, ...) is rendered by ``apply_chat_template`` and its
+  assistant replies are found by rendering: reply k is the text that the conversation up to it adds to the
+  conversation before it with the generation prompt. The tokens whose characters fall in a reply are trained,
+  with the end-of-turn token the template puts after it. Positions, not ``ids != pad_id``: when pad = EOS
+  (SmolLM2) the EOS that ends a reply is still trained, so the model learns to stop (TRL #4970).
 * Over-length conversations (more than ``max_seq_len`` tokens): ``overlong="raise"`` (default) names the row,
   ``"skip"`` drops and counts them, ``"truncate"`` keeps the first ``max_seq_len`` tokens (the loss then covers
   only the assistant tokens that remain).
@@ -21,7 +26,7 @@ from pathlib import Path
 from datasets import Dataset, load_from_disk
 
 from .errors import DataError, SkipReport, handle, logger
-from .tokenizer import ASSISTANT_PREFIX, TURN_END, USER_PREFIX
+from .tokenizer import ASSISTANT_PREFIX, CHAT_TEMPLATE, TURN_END, USER_PREFIX
 
 IGNORE_INDEX = -100
 OVERLONG = ("raise", "skip", "truncate")
@@ -43,6 +48,8 @@ def render_segments(messages: list[dict], bos: str, eos: str) -> list[tuple[str,
 
 def encode_batch(tokenizer, conversations: list[list[dict]]) -> list[tuple[list[int], list[int]]]:
     """(input_ids, labels) for each conversation."""
+    if getattr(tokenizer, "chat_template", None) not in (None, CHAT_TEMPLATE):
+        return [encode_with_template(tokenizer, messages) for messages in conversations]
     rendered = [render_segments(m, tokenizer.bos_token, tokenizer.eos_token) for m in conversations]
     flat = [text for segments in rendered for text, _ in segments]
     ids = tokenizer(flat, add_special_tokens=False)["input_ids"]
@@ -56,6 +63,36 @@ def encode_batch(tokenizer, conversations: list[list[dict]]) -> list[tuple[list[
             labels += piece if trained else [IGNORE_INDEX] * len(piece)
         out.append((input_ids, labels))
     return out
+
+
+def assistant_spans(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
+    """The rendered conversation and the character span of each assistant reply (with its end-of-turn text)."""
+    text = tokenizer.apply_chat_template(messages, tokenize=False)
+    spans = []
+    for k, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        before = tokenizer.apply_chat_template(messages[:k], tokenize=False, add_generation_prompt=True) if k else ""
+        through = tokenizer.apply_chat_template(messages[: k + 1], tokenize=False)
+        if not (through.startswith(before) and text.startswith(through)):
+            raise DataError("chat template", "messages", "the tokenizer's chat template does not render a conversation as the "
+                            "concatenation of its turns (it rewrites earlier turns), so the assistant replies cannot "
+                            "be located for the loss mask; set chat_template in the recipe to one that does")
+        spans.append((len(before), len(through)))
+    return text, spans
+
+
+def encode_with_template(tokenizer, messages: list[dict]) -> tuple[list[int], list[int]]:
+    """(input_ids, labels) of one conversation under the tokenizer's own chat template: labels on the tokens that
+    start inside an assistant reply's span."""
+    text, spans = assistant_spans(tokenizer, messages)
+    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids, labels, j = encoded["input_ids"], [], 0
+    for token, (start, _) in zip(ids, encoded["offset_mapping"]):
+        while j < len(spans) and start >= spans[j][1]:
+            j += 1
+        labels.append(token if j < len(spans) and start >= spans[j][0] else IGNORE_INDEX)
+    return ids, labels
 
 
 def pack(lengths: list[int], max_len: int) -> list[list[int]]:
@@ -91,6 +128,7 @@ def fingerprint(dataset: Dataset, tokenizer, **settings) -> str:
                     if buffer is not None:
                         h.update(memoryview(buffer))
     h.update(tokenizer.backend_tokenizer.to_str().encode())
+    h.update(str(getattr(tokenizer, "chat_template", "")).encode())
     h.update(repr(sorted(settings.items())).encode())
     return h.hexdigest()[:16]
 

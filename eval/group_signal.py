@@ -24,9 +24,8 @@ from .tasks import LEVEL
 def group_signal(checkpoint: str, data_dir: str, per_level: int = 80, group: int = 8, temperature: float = 0.6,
                  max_new_tokens: int = 112, reward: str = "math_steps_accuracy", backend: str = "vllm",
                  seed: int = 1) -> dict[str, dict]:
-    from data_prep.tokenizer import load_tokenizer
-    from modeling import DeepseekV2ForCausalLM
     from pipelines.generation import SamplingSettings, make_generator
+    from pipelines.models import load_causal_lm, load_tokenizer
 
     data = load_from_disk(str(Path(data_dir) / "heldout" / "math"))
     by_level: dict[str, list[int]] = defaultdict(list)
@@ -41,7 +40,7 @@ def group_signal(checkpoint: str, data_dir: str, per_level: int = 80, group: int
     tokenizer = load_tokenizer(checkpoint)
     ids = [tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
            for p in rows["prompt"]]
-    model = DeepseekV2ForCausalLM.from_pretrained(checkpoint)
+    model = load_causal_lm(checkpoint, tokenizer=tokenizer)
     generator = make_generator(backend, model, tokenizer, SamplingSettings(temperature, 1.0, max_new_tokens),
                                checkpoint=checkpoint)
     samples = generator.generate(ids, group, seed=seed)

@@ -27,13 +27,12 @@ def reply_logprob(model, tokenizer, prompt: list[dict], reply: list[dict]) -> fl
 
 def likelihood_pairs(checkpoint: str, data_dir: str, reward_model: str = "reasoning", eval_examples: int = 500,
                      seed: int = 0) -> dict:
-    from data_prep.tokenizer import load_tokenizer
-    from modeling import DeepseekV2ForCausalLM
+    from pipelines.models import load_causal_lm, load_tokenizer
 
     data = load_from_disk(str(Path(data_dir) / "preferences" / reward_model))
     held_out = data.train_test_split(test_size=eval_examples, seed=seed)["test"]  # as pipelines/reward_model.py
     tokenizer = load_tokenizer(checkpoint)
-    model = DeepseekV2ForCausalLM.from_pretrained(checkpoint).eval()
+    model = load_causal_lm(checkpoint, tokenizer=tokenizer).eval()
     right, count = Counter(), Counter(held_out["domain"])
     for row in held_out:
         chosen = reply_logprob(model, tokenizer, row["prompt"], row["chosen"])

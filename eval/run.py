@@ -27,6 +27,7 @@ from . import report as reporting
 from .tasks import SCORERS, Task, file_task, heldout_task, perplexity, win_rates
 
 logger = logging.getLogger("eval")
+MATH_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."  # DeepSeekMath's
 TASKS = ("math", "code", "safety", "perplexity", "rm_winrate", "gsm8k", "humaneval", "mbpp")
 
 
@@ -52,6 +53,13 @@ class EvalArguments:
         "help": "NAME=FOLDER reward models for rm_winrate, e.g. helpful=runs/rm/tiny/helpful"})
     runs: list[str] = field(default_factory=list, metadata={"help": "run folders whose curves are plotted"})
     backend: str = field(default="hf", metadata={"help": "generation: hf or vllm"})
+    trust_remote_code: bool = field(default=False, metadata={
+        "help": "for checkpoints that ship their own modeling code; reaches every loader and vLLM"})
+    chat_template_path: str | None = field(default=None, metadata={
+        "help": "replaces each checkpoint's chat template (chatml, deepseek, a .jinja file or the text)"})
+    math_instruction: str | None = field(default=MATH_INSTRUCTION, metadata={
+        "help": "appended (after a blank line) to every math benchmark question (task gsm8k); default DeepSeekMath's "
+                "zero-shot prompt, as recipes/data/gsm8k.yaml asks in training; '' for the bare question"})
     batch_size: int = 64
     max_new_tokens: int = 96
     code_max_new_tokens: int = 128
@@ -91,7 +99,8 @@ def build_tasks(args: EvalArguments) -> list[Task]:
         elif name == "code":
             tasks.append(heldout_task(args.data_dir, "code", args.code, args.code_samples))
         elif name == "gsm8k":
-            tasks.append(file_task("gsm8k", args.gsm8k, "math", args.benchmark_limit))
+            tasks.append(file_task("gsm8k", args.gsm8k, "math", args.benchmark_limit,
+                                   instruction=args.math_instruction))
         elif name in ("humaneval", "mbpp"):
             tasks.append(file_task(name, getattr(args, name), "code", args.benchmark_limit,
                                    1 if args.oracle else args.code_samples))
@@ -141,11 +150,8 @@ def oracle(args: EvalArguments, tasks: list[Task]) -> dict:
 
 
 def evaluate_checkpoints(args: EvalArguments, checkpoints: dict[str, str], tasks: list[Task]):
-    import torch
-
-    from data_prep.tokenizer import load_tokenizer
-    from modeling import DeepseekV2ForCausalLM
     from pipelines.generation import SamplingSettings, make_generator
+    from pipelines.models import load_causal_lm, load_tokenizer
     from datasets import load_from_disk
 
     out = Path(args.output_dir)
@@ -162,11 +168,12 @@ def evaluate_checkpoints(args: EvalArguments, checkpoints: dict[str, str], tasks
         chat = data.select(range(0, len(data), step))[: args.perplexity]["messages"]
     bar = tqdm(total=len(checkpoints) * (len(tasks) + (chat is not None)), desc="eval", unit="task")
     for name, path in checkpoints.items():
-        tokenizer = load_tokenizer(path)
-        model = DeepseekV2ForCausalLM.from_pretrained(path, dtype=torch.float32)
+        tokenizer = load_tokenizer(path, args.chat_template_path, args.trust_remote_code)
+        model = load_causal_lm(path, "float32", args.trust_remote_code, tokenizer, what=f"checkpoint {name}:")
         if generator is None:
             generator = make_generator(args.backend, model, tokenizer, SamplingSettings(), checkpoint=path,
-                                       **({"batch_size": args.batch_size} if args.backend == "hf" else {}))
+                                       **({"batch_size": args.batch_size} if args.backend == "hf" else
+                                          {"trust_remote_code": args.trust_remote_code}))
         else:
             generator.tokenizer = tokenizer
             generator.sync(model)

@@ -63,10 +63,13 @@ def heldout_task(data_dir: str | Path, domain: str, n: int | None, samples: int 
     return Task(domain, domain, _first(load_from_disk(str(path)), n), samples)
 
 
-def file_task(name: str, path: str, kind: str, n: int | None, samples: int = 1) -> Task:
+def file_task(name: str, path: str, kind: str, n: int | None, samples: int = 1, instruction: str | None = None) -> Task:
     """A benchmark file in GSM8K, HumanEval or MBPP format (or this project's RL format), with its reference replies
-    where the format has them."""
+    where the format has them. ``instruction`` is appended, after a blank line, to each prompt's last user turn."""
     rows = _first(load(path, kind="rl_prompts"), n)
+    if instruction:
+        rows = rows.map(lambda prompt: {"prompt": prompt[:-1] + [
+            {**prompt[-1], "content": f"{prompt[-1]['content']}\n\n{instruction}"}]}, input_columns="prompt")
     try:
         references = [m[-1]["content"] for m in _first(load(path, kind="conversations"), n)["messages"]]
     except ValueError:  # a prompt-only format (DataError is a ValueError): no oracle for it, said when it is asked for

@@ -14,7 +14,9 @@ import sys
 from threading import Thread
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, TextIteratorStreamer
+from transformers import TextIteratorStreamer
+
+from .models import ModelLoadError, load_causal_lm, load_tokenizer
 
 RESET, EXIT = "/reset", "/exit"
 
@@ -63,16 +65,14 @@ def main(argv=None) -> int:
     parser.add_argument("--system", default="", help="a system prompt")
     parser.add_argument("--max_new_tokens", type=int, default=512)
     parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    parser.add_argument("--chat_template_path", default=None, help="replaces the checkpoint's: chatml, deepseek, a file")
+    parser.add_argument("--trust_remote_code", action="store_true", help="for checkpoints with their own code")
     args = parser.parse_args(argv)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(args.checkpoint)
-        model = AutoModelForCausalLM.from_pretrained(args.checkpoint, trust_remote_code=True)
-    except OSError as e:
-        print(f"cannot load a chat checkpoint from {args.checkpoint!r}: {e}\n(make sft writes one to runs/sft/tiny)",
-              file=sys.stderr)
-        return 2
-    if not tokenizer.chat_template:
-        print(f"{args.checkpoint}: its tokenizer has no chat template; is it a chat checkpoint?", file=sys.stderr)
+        tokenizer = load_tokenizer(args.checkpoint, args.chat_template_path, args.trust_remote_code)
+        model = load_causal_lm(args.checkpoint, "float32", args.trust_remote_code, tokenizer, what="checkpoint")
+    except (OSError, ModelLoadError) as e:
+        print(f"cannot chat with {args.checkpoint!r}: {e}", file=sys.stderr)
         return 2
     chat = Chat(model, tokenizer, args.system, args.max_new_tokens, args.temperature)
     print(f"Chatting with {args.checkpoint}. {RESET} forgets the conversation, {EXIT} quits.", flush=True)

@@ -44,15 +44,15 @@ from pathlib import Path
 import torch
 from datasets import concatenate_datasets, load_from_disk
 from tqdm.auto import tqdm
+from transformers import GenerationConfig
 
 import rewards
+from data_prep import ensure_built
 from rewards.combine import WeightedSum
-from data_prep.tokenizer import load_tokenizer
-from modeling import DeepseekV2ForCausalLM
-
 from . import quick_eval
 from .config import RecipeError, coerce, parse_recipe
 from .generation import SamplingSettings, make_generator
+from .models import load_causal_lm, load_sequence_classifier, load_tokenizer
 from .grpo_loss import AGGREGATIONS, outcome_advantages, policy_loss, process_advantages
 from .run_state import prepare_run_dir
 from .tracking import plot_reward_curve
@@ -132,11 +132,17 @@ class StageConfig:
 class GRPOArguments:
     policy: str = field(default="runs/sft/tiny", metadata={"help": "the SFT checkpoint (make sft)"})
     data_dir: str = field(default="runs/data/tiny", metadata={"help": "a data_prep build with rl/ and heldout/"})
+    data_recipe: str | None = field(default=None, metadata={
+        "help": "data_prep spec, built into data_dir when data_dir has no rl/ yet"})
     output_dir: str = "runs/grpo/tiny"
     stages: list[str] = field(default_factory=lambda: ["reasoning", "preference"])
     reasoning: dict | str | None = field(default=None, metadata={"help": "StageConfig fields of stage 1"})
     preference: dict | str | None = field(default=None, metadata={"help": "StageConfig fields of stage 2"})
-    backend: str = field(default="hf", metadata={"help": "generation: hf (our generate) or vllm (colocated)"})
+    backend: str = field(default="hf", metadata={"help": "generation: hf (the policy's generate) or vllm (colocated)"})
+    trust_remote_code: bool = field(default=False, metadata={
+        "help": "for checkpoints that ship their own modeling code; reaches every loader and vLLM"})
+    chat_template_path: str | None = field(default=None, metadata={
+        "help": "replaces the policy tokenizer's chat template (chatml, deepseek, a .jinja file or the text)"})
     bf16: bool = field(default=False, metadata={
         "help": "bf16 autocast for the policy and reference forward/backward (the sampler stays as it is; the "
                 "truncated importance weight corrects the larger sampler/trainer gap)"})
@@ -433,7 +439,6 @@ class StageRunner:
         from transformers import AutoConfig
         from trl import RewardConfig, RewardTrainer
 
-        from modeling import DeepseekV2ForCausalLM, DeepseekV2ForSequenceClassification
         from rewards.model import IMPLICIT_REWARD_BETA
 
         from .reward_model import simpo_trainer
@@ -453,7 +458,7 @@ class StageRunner:
         replay_rows = earlier.shuffle(seed=self.args.seed + iteration).select(range(min(replay, len(earlier))))
         train = concatenate_datasets([fresh, replay_rows]).shuffle(seed=self.args.seed)
         out = self.dir / f"reward-model-iteration-{iteration}"
-        tokenizer = load_tokenizer(spec["path"])
+        tokenizer = load_tokenizer(spec["path"], trust_remote_code=self.args.trust_remote_code)
         config = RewardConfig(output_dir=str(out), learning_rate=float(r["learning_rate"]),
                               num_train_epochs=float(r["epochs"]), per_device_train_batch_size=int(r["batch_size"]),
                               save_strategy="no", report_to="none", logging_steps=10, seed=self.args.seed,
@@ -462,10 +467,11 @@ class StageRunner:
         # SimPO's loss for an implicit reward model (make rm's objective: simpo; its beta is in its config)
         beta = getattr(AutoConfig.from_pretrained(spec["path"]), IMPLICIT_REWARD_BETA, None)
         if beta is None:
-            model = DeepseekV2ForSequenceClassification.from_pretrained(spec["path"], num_labels=1)
+            model = load_sequence_classifier(spec["path"], "float32", self.args.trust_remote_code, tokenizer)
             trainer = RewardTrainer(model=model, args=config, train_dataset=train, processing_class=tokenizer)
         else:
-            trainer = simpo_trainer(DeepseekV2ForCausalLM.from_pretrained(spec["path"]), config, train, tokenizer,
+            lm = load_causal_lm(spec["path"], "float32", self.args.trust_remote_code, tokenizer, what="reward model")
+            trainer = simpo_trainer(lm, config, train, tokenizer,
                                     beta, float(r["simpo_gamma"]))
         loss = trainer.train().training_loss
         trainer.save_model(str(out))
@@ -554,9 +560,10 @@ class StageRunner:
 
     def restore(self, folder: Path) -> None:
         state = json.loads((folder / "state.json").read_text())
-        self.policy.load_state_dict(DeepseekV2ForCausalLM.from_pretrained(folder).state_dict())
+        architecture = type(self.policy)  # from_pretrained applies the checkpoint conversion (our stacked experts)
+        self.policy.load_state_dict(architecture.from_pretrained(folder).state_dict())
         if self.reference is not None:
-            self.reference.load_state_dict(DeepseekV2ForCausalLM.from_pretrained(folder / "reference").state_dict())
+            self.reference.load_state_dict(architecture.from_pretrained(folder / "reference").state_dict())
         saved = torch.load(folder / "trainer.pt", weights_only=False)
         self.optimizer.load_state_dict(saved["optimizer"])
         self.scheduler.load_state_dict(saved["scheduler"])
@@ -672,11 +679,12 @@ def main(argv=None) -> dict:
 
     # 2. Run folder, the SFT policy and its tokenizer
     run_dir = Path(args.output_dir)
+    ensure_built(args.data_dir, args.data_recipe, "rl")
     prepare_run_dir(run_dir, recipe, args.resume, RECIPE_HEADER.format(path=run_dir / "recipe.yaml"))
     if not Path(args.policy).is_dir():
         raise FileNotFoundError(f"policy {args.policy}: no such checkpoint folder (make sft writes runs/sft/tiny)")
-    tokenizer = load_tokenizer(args.policy)
-    policy = DeepseekV2ForCausalLM.from_pretrained(args.policy, dtype=torch.float32)
+    tokenizer = load_tokenizer(args.policy, args.chat_template_path, args.trust_remote_code)
+    policy = load_causal_lm(args.policy, "float32", args.trust_remote_code, tokenizer)
     safety_rm = find_safety_rm(stages)
 
     # 3. Baseline: the SFT checkpoint, scored as every stage will be
@@ -692,7 +700,7 @@ def main(argv=None) -> dict:
     for name, cfg in stages.items():
         stage_dir = run_dir / "stages" / name
         if (stage_dir / "final" / "config.json").is_file() and name in results.get("stages", {}):
-            policy = DeepseekV2ForCausalLM.from_pretrained(stage_dir / "final", dtype=torch.float32)
+            policy = load_causal_lm(stage_dir / "final", "float32", args.trust_remote_code, tokenizer)
             logger.info("%s: already done", name)
             continue
         runner = StageRunner(name, cfg, args, policy, tokenizer, run_dir)
@@ -702,7 +710,9 @@ def main(argv=None) -> dict:
             logger.info("%s: continuing from %s", name, checkpoints[-1].parent)
         if generator is None:
             source = args.policy if not checkpoints else str(checkpoints[-1].parent)
-            generator = make_generator(args.backend, policy, tokenizer, runner.settings, checkpoint=source)
+            generator = make_generator(args.backend, policy, tokenizer, runner.settings, checkpoint=source,
+                                       **({"trust_remote_code": args.trust_remote_code} if args.backend == "vllm"
+                                          else {}))
         generator.settings = runner.settings
         generator.sync(policy)
         summary = runner.run(generator)
@@ -714,7 +724,9 @@ def main(argv=None) -> dict:
         logger.info("%s: %s", name, _headline(results["eval"][name]))
 
     # 5. The aligned checkpoint at the top of the run folder, and the reward curve
-    policy.generation_config = DeepseekV2ForCausalLM.from_pretrained(args.policy).generation_config
+    policy.generation_config = GenerationConfig.from_model_config(policy.config)
+    if (Path(args.policy) / "generation_config.json").is_file():  # the SFT checkpoint's chat defaults
+        policy.generation_config = GenerationConfig.from_pretrained(args.policy)
     policy.save_pretrained(run_dir)
     tokenizer.save_pretrained(run_dir)
     from .tracking import read_metrics

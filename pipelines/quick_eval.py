@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import re
 import time
 from pathlib import Path
@@ -25,6 +26,7 @@ from datasets import load_from_disk
 
 from eval.tasks import Task, score_math, score_safety
 
+logger = logging.getLogger("quick_eval")
 TRAINED_MATH_FORMAT = re.compile(r"(?:^|\s)The answer is -?\d+\.$")  # how every generated solution ends
 
 
@@ -91,7 +93,9 @@ def evaluate(model, tokenizer, data_dir: str | Path, math: int = 2000, safety: i
         data = data.select(range(min(math, len(data))))
         results.update(math_metrics(greedy_replies(model, tokenizer, data["prompt"], batch_size, max_new_tokens),
                                     data))
-    if safety is None or safety > 0:
+    if safety is None and not (heldout / "safety").is_dir():
+        logger.info("%s has no held-out safety set (a real-data build, e.g. GSM8K only): safety not scored", heldout)
+    elif safety is None or safety > 0:
         data = load_from_disk(str(heldout / "safety"))
         if safety is not None:
             data = data.select(range(min(safety, len(data))))
@@ -105,9 +109,7 @@ def evaluate(model, tokenizer, data_dir: str | Path, math: int = 2000, safety: i
 
 
 def main(argv=None) -> int:
-    from transformers import AutoModelForCausalLM
-
-    from data_prep.tokenizer import load_tokenizer
+    from .models import load_causal_lm, load_tokenizer
 
     parser = argparse.ArgumentParser(prog="python -m pipelines.quick_eval", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -116,9 +118,10 @@ def main(argv=None) -> int:
     parser.add_argument("--math", type=int, default=2000)
     parser.add_argument("--safety", type=int, default=None)
     parser.add_argument("--batch_size", type=int, default=64)
+    parser.add_argument("--trust_remote_code", action="store_true")
     args = parser.parse_args(argv)
-    model = AutoModelForCausalLM.from_pretrained(args.checkpoint, trust_remote_code=True)
-    tokenizer = load_tokenizer(args.checkpoint)
+    tokenizer = load_tokenizer(args.checkpoint, trust_remote_code=args.trust_remote_code)
+    model = load_causal_lm(args.checkpoint, trust_remote_code=args.trust_remote_code, tokenizer=tokenizer)
     print(json.dumps(evaluate(model, tokenizer, args.data_dir, args.math, args.safety, args.batch_size), indent=2))
     return 0
 

@@ -1,6 +1,6 @@
 """Reward models (DeepSeek-V2 §4.2): reasoning, helpful and safety RMs, plus a process reward model.
 
-What it does: for each reward model named in the recipe, initialise a ``DeepseekV2ForSequenceClassification``
+What it does: for each reward model named in the recipe, initialise a sequence-classification model
 from the SFT checkpoint (a fresh scalar head on the SFT trunk, as the paper does), train it on that RM's
 preference pairs, report held-out pairwise accuracy, and save it where GRPO loads it by path
 (``<output_dir>/<name>``). Then the process reward model is trained on step-labelled math solutions and its
@@ -39,11 +39,12 @@ from datasets import Dataset, load_from_disk
 from transformers import TrainingArguments, set_seed
 from trl import RewardConfig, RewardTrainer, TrlParser
 
-from data_prep.tokenizer import load_tokenizer
+from data_prep import ensure_built
 from modeling import DeepseekV2ForCausalLM, DeepseekV2ForSequenceClassification, load_model_config
 from rewards.model import RewardModelScorer
 
 from .config import coerce
+from .models import load_causal_lm, load_sequence_classifier, load_tokenizer
 from .score_head_trainer import (
     PositionCollator,
     ScoreHeadTrainer,
@@ -61,7 +62,10 @@ PAPER_RM_NAMES = ("reasoning", "helpful", "safety")  # the outcome RMs of §4.2
 @dataclass
 class RewardModelArguments:
     data_dir: str = field(default="runs/data/tiny", metadata={"help": "a data_prep build (preferences/, process/)"})
-    init_from: str | None = field(default=None, metadata={"help": "SFT checkpoint; none: a fresh `model_config`"})
+    data_recipe: str | None = field(default=None, metadata={
+        "help": "data_prep spec, built into data_dir when data_dir has no preferences/ yet"})
+    init_from: str | None = field(default=None, metadata={
+        "help": "SFT checkpoint, any causal LM (a fresh score head on its trunk); none: a fresh `model_config`"})
     model_config: str = field(default="tiny", metadata={"help": "used only without init_from"})
     reward_models: list[str] = field(default_factory=lambda: ["reasoning", "helpful", "safety"])
     objective: str = field(default="pairwise", metadata={"help": "pairwise (Bradley-Terry) or pointwise"})
@@ -78,8 +82,7 @@ class RewardModelArguments:
     def __post_init__(self):
         if self.objective not in OBJECTIVES:
             raise ValueError(f"objective={self.objective!r}; expected one of {OBJECTIVES}")
-        if not (Path(self.data_dir) / "preferences").exists():
-            raise FileNotFoundError(f"data_dir={self.data_dir!r} has no preferences/; run `make data` first")
+        ensure_built(self.data_dir, self.data_recipe, "preferences")
         if isinstance(self.per_model, str):
             try:
                 self.per_model = json.loads(self.per_model) if self.per_model.strip() not in ("", "null") else None
@@ -121,29 +124,32 @@ def _split(data: Dataset, args: RewardModelArguments, seed: int) -> tuple[Datase
     return train, parts["test"]
 
 
-def _init_model(args: RewardModelArguments, tokenizer):
-    if args.init_from:
-        return DeepseekV2ForSequenceClassification.from_pretrained(args.init_from, num_labels=1)
+def _init_model(args: RewardModelArguments, tokenizer, trust_remote_code: bool = False):
+    if args.init_from:  # the checkpoint's own architecture with a scalar head (LlamaForSequenceClassification, ...)
+        return load_sequence_classifier(args.init_from, "float32", trust_remote_code, tokenizer,
+                                        what="init_from")
     config = load_model_config(args.model_config, vocab_size=len(tokenizer), num_labels=1,
                                pad_token_id=tokenizer.pad_token_id)
     return DeepseekV2ForSequenceClassification(config)
 
 
-def _init_lm(args: RewardModelArguments, tokenizer):
+def _init_lm(args: RewardModelArguments, tokenizer, trust_remote_code: bool = False):
     if args.init_from:
-        return DeepseekV2ForCausalLM.from_pretrained(args.init_from)
+        return load_causal_lm(args.init_from, "float32", trust_remote_code, tokenizer, what="init_from")
     return DeepseekV2ForCausalLM(load_model_config(args.model_config, vocab_size=len(tokenizer),
                                                    pad_token_id=tokenizer.pad_token_id))
 
 
 def _sub_config(config: RewardConfig, name: str, **changes) -> RewardConfig:
-    return dataclasses.replace(config, output_dir=str(Path(config.output_dir) / name), run_name=name, **changes)
+    # chat_template_path was applied when the tokenizer was loaded (pipelines.models); TRL would apply it again
+    return dataclasses.replace(config, output_dir=str(Path(config.output_dir) / name), run_name=name,
+                               chat_template_path=None, **changes)
 
 
-def pairwise_accuracy(path: str, data: Dataset) -> tuple[float, dict[str, float]]:
+def pairwise_accuracy(path: str, data: Dataset, trust_remote_code: bool = False) -> tuple[float, dict[str, float]]:
     """The share of pairs whose chosen reply the reward model scores above the rejected one, overall and per
     domain of the pair (the reasoning RM's pairs come from math, code and reasoning)."""
-    scorer = RewardModelScorer(path)
+    scorer = RewardModelScorer(path, trust_remote_code=trust_remote_code)
     chosen = scorer(prompts=data["prompt"], completions=data["chosen"])
     rejected = scorer(prompts=data["prompt"], completions=data["rejected"])
     right, count = Counter(), Counter(data["domain"])
@@ -174,12 +180,12 @@ def train_outcome_rm(name, args, config, tokenizer) -> dict:
     # our position-wise trainer needs its own columns kept
     sub = _sub_config(config, name, remove_unused_columns=args.objective == "pairwise")
     if args.objective == "simpo":
-        trainer = simpo_trainer(_init_lm(args, tokenizer), sub, train, tokenizer, args.simpo_beta, args.simpo_gamma)
+        trainer = simpo_trainer(_init_lm(args, tokenizer, config.trust_remote_code), sub, train, tokenizer, args.simpo_beta, args.simpo_gamma)
     elif args.objective == "pairwise":
-        model = _init_model(args, tokenizer)
+        model = _init_model(args, tokenizer, config.trust_remote_code)
         trainer = RewardTrainer(model=model, args=sub, train_dataset=train, processing_class=tokenizer)
     else:
-        model = _init_model(args, tokenizer)
+        model = _init_model(args, tokenizer, config.trust_remote_code)
         rows = [pointwise_features(tokenizer, r["prompt"], reply[0]["content"], good)
                 for r in train for reply, good in ((r["chosen"], True), (r["rejected"], False))]
         trainer = ScoreHeadTrainer(model=model, args=sub, train_dataset=Dataset.from_list(rows),
@@ -187,7 +193,7 @@ def train_outcome_rm(name, args, config, tokenizer) -> dict:
     result = trainer.train()
     trainer.save_model(sub.output_dir)
     tokenizer.save_pretrained(sub.output_dir)
-    accuracy, by_domain = pairwise_accuracy(sub.output_dir, held_out)
+    accuracy, by_domain = pairwise_accuracy(sub.output_dir, held_out, config.trust_remote_code)
     return {"objective": args.objective, "train_pairs": len(train), "held_out_pairs": len(held_out),
             "train_loss": result.training_loss, "pairwise_accuracy": accuracy,
             "pairwise_accuracy_by_domain": by_domain, "path": sub.output_dir}
@@ -203,7 +209,7 @@ def train_process_rm(args, config, tokenizer) -> dict:
 
     collator = PositionCollator(tokenizer.pad_token_id)
     sub = _sub_config(config, PROCESS_RM_NAME, remove_unused_columns=False)
-    trainer = ScoreHeadTrainer(model=_init_model(args, tokenizer), args=sub, train_dataset=features(train),
+    trainer = ScoreHeadTrainer(model=_init_model(args, tokenizer, config.trust_remote_code), args=sub, train_dataset=features(train),
                                data_collator=collator)
     result = trainer.train()
     trainer.save_model(sub.output_dir)
@@ -220,7 +226,8 @@ def main(argv=None):
     set_seed(config.seed)
     start = time.perf_counter()
     # 2. tokenizer: the SFT checkpoint's, or the data build's
-    tokenizer = load_tokenizer(args.init_from or Path(args.data_dir) / "tokenizer")
+    tokenizer = load_tokenizer(args.init_from or Path(args.data_dir) / "tokenizer", config.chat_template_path,
+                               config.trust_remote_code)
     # 3. the outcome reward models, one after another
     metrics = {}
     for name in args.reward_models:

@@ -46,12 +46,12 @@ from datasets import load_from_disk
 from transformers import GenerationConfig, set_seed
 from trl import ModelConfig, SFTConfig, get_peft_config
 
-from data_prep import Builder, load_spec, tokenize_for_sft
+from data_prep import ensure_built, tokenize_for_sft
 from data_prep.errors import SkipReport
-from data_prep.tokenizer import load_tokenizer
 from modeling import DeepseekV2ForCausalLM, count_parameters, load_model_config
 
 from . import model_card, quick_eval
+from .models import load_causal_lm, load_tokenizer
 from .config import RecipeError, coerce, parse_recipe
 from .run_state import last_complete_checkpoint, mark_stage_done, prepare_run_dir, stage_done
 from .sft_trainer import DeepseekSFTTrainer, PackedCollator, loss_on_every_token
@@ -102,7 +102,8 @@ def stage_args(args: SFTConfig, name: str, overrides: dict | None = None) -> SFT
 def trainer_args(args: SFTConfig) -> SFTConfig:
     """What the trainer gets: data_prep already applied packing, max_length and the loss mask (see the docstring)."""
     return dataclasses.replace(args, packing=False, assistant_only_loss=False, remove_unused_columns=False,
-                               dataset_kwargs={"skip_prepare_dataset": True})
+                               dataset_kwargs={"skip_prepare_dataset": True},
+                               chat_template_path=None)  # already applied by pipelines.models.load_tokenizer
 
 
 def check(script_args: SFTScriptArguments, args: SFTConfig, model_args: ModelConfig, recipe_path) -> None:
@@ -116,11 +117,12 @@ def check(script_args: SFTScriptArguments, args: SFTConfig, model_args: ModelCon
         logger.warning("save_strategy is 'no': an interrupted run will start over")
 
 
-def load_model(script_args: SFTScriptArguments, model_args: ModelConfig, tokenizer, seed: int):
-    kwargs = {"dtype": model_args.dtype, "attn_implementation": model_args.attn_implementation}
-    if model_args.model_name_or_path:
-        return DeepseekV2ForCausalLM.from_pretrained(model_args.model_name_or_path, revision=model_args.model_revision,
-                                                     **kwargs)
+def load_model(script_args: SFTScriptArguments, model_args: ModelConfig, tokenizer, seed: int,
+               trust_remote_code: bool = False):
+    if model_args.model_name_or_path:  # any causal LM: ours, or whatever architecture the checkpoint names
+        return load_causal_lm(model_args.model_name_or_path, model_args.dtype, trust_remote_code,
+                              tokenizer, what="model_name_or_path", revision=model_args.model_revision,
+                              attn_implementation=model_args.attn_implementation)
     config = load_model_config(script_args.model_config, vocab_size=len(tokenizer),
                                bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                                pad_token_id=tokenizer.pad_token_id)
@@ -128,6 +130,14 @@ def load_model(script_args: SFTScriptArguments, model_args: ModelConfig, tokeniz
         config._attn_implementation = model_args.attn_implementation
     set_seed(seed)  # the fresh weights depend on the seed only
     return DeepseekV2ForCausalLM(config)
+
+
+def parameters(model) -> tuple[int, int]:
+    """(total, activated per token): ours counts the routed experts a token skips; a dense model activates all."""
+    if isinstance(model, DeepseekV2ForCausalLM):
+        return count_parameters(model.config)
+    total = sum(p.numel() for p in model.parameters())
+    return total, total
 
 
 def mark_moe_as_zero3_leaf(model) -> None:
@@ -206,13 +216,10 @@ def main(argv=None) -> dict:
     # 4. Data: build the mixture if missing, then tokenize and pack (cached under data_dir/tokenized)
     data_dir = Path(script_args.data_dir)
     with state.main_process_first():
-        if not (data_dir / "sft").exists():
-            if not script_args.data_recipe:
-                raise FileNotFoundError(f"{data_dir}/sft does not exist and no data_recipe is set to build it")
-            logger.info("building the data mixture %s into %s", script_args.data_recipe, data_dir)
-            Builder(load_spec(script_args.data_recipe), data_dir).build()
+        ensure_built(data_dir, script_args.data_recipe, "sft")
         tokenizer = load_tokenizer(script_args.tokenizer_path or model_args.model_name_or_path
-                                   or data_dir / "tokenizer")
+                                   or data_dir / "tokenizer", args.chat_template_path,
+                                   args.trust_remote_code)
         skipped = SkipReport("sft tokenization")
         conversations = load_from_disk(str(data_dir / "sft"))
         rows = {"sft": tokenize_for_sft(conversations, tokenizer, args.max_length, packing=args.packing,
@@ -246,8 +253,8 @@ def main(argv=None) -> dict:
             logger.info("%s: already done (%s steps)", name, done["steps"])
             continue
         # 6. Model: fresh or pretrained, or the previous stage's result; LoRA if asked
-        model = (DeepseekV2ForCausalLM.from_pretrained(previous) if previous
-                 else load_model(script_args, model_args, tokenizer, args.seed))
+        model = (load_causal_lm(previous, model_args.dtype, args.trust_remote_code, tokenizer) if previous
+                 else load_model(script_args, model_args, tokenizer, args.seed, args.trust_remote_code))
         mark_moe_as_zero3_leaf(model)
         stage_rows = rows[name] if stage.assistant_only_loss else loss_on_every_token(rows[name])
         trainer, summaries[name] = run_stage(name, stage, model, tokenizer, stage_rows, run_dir,
@@ -264,7 +271,7 @@ def main(argv=None) -> dict:
         return {}
 
     # 8. Evaluate the saved checkpoint (loaded back as a user would), then the model card and the loss curve
-    chat_model = DeepseekV2ForCausalLM.from_pretrained(run_dir)
+    chat_model = load_causal_lm(run_dir, "float32", args.trust_remote_code, tokenizer)
     evaluation = quick_eval.evaluate(chat_model, tokenizer, data_dir, script_args.eval_math, script_args.eval_safety,
                                      script_args.eval_batch_size, script_args.eval_max_new_tokens)
     records = read_metrics(run_dir / "metrics.jsonl")
@@ -275,7 +282,7 @@ def main(argv=None) -> dict:
     (run_dir / "eval.json").write_text(json.dumps(result, indent=2))
     plot_loss_curve(records, run_dir / "loss_curve.png", title=f"SFT {run_dir.name}")
     model_card.write(run_dir, recipe=recipe, stages=summaries, evaluation=evaluation,
-                     data_report=model_card.data_report(data_dir), parameters=count_parameters(chat_model.config))
+                     data_report=model_card.data_report(data_dir), parameters=parameters(chat_model))
     logger.info("done in %.0f s: %s", result["wall_seconds"], json.dumps(
         {k: v for k, v in evaluation.items() if not isinstance(v, (list, dict))}))
     return result

@@ -15,7 +15,9 @@
 * ``PackedCollator`` pads ``data_prep``'s packed rows and passes ``position_ids`` that restart at 0 for each
   conversation and no attention mask: from those the model keeps attention inside each conversation. TRL's own
   collator either adds an attention mask (and the model would attend across conversations) or flattens the batch
-  into one row (one dense mask over all tokens of the batch).
+  into one row (one dense mask over all tokens of the batch). Other architectures (Llama, Qwen2, ...) keep
+  attention inside each conversation the same way through transformers' packed-sequence masks, provided the
+  forward builds no cache, so the loss is computed with ``use_cache=False``.
 """
 
 from __future__ import annotations
@@ -76,8 +78,11 @@ class DeepseekSFTTrainer(SFTTrainer):
         # The model's forward, not TRL's fused LM head: the model adds its balance loss to the LM loss itself.
         if num_items_in_batch is not None:
             inputs = {**inputs, "num_items_in_batch": num_items_in_batch}
-        outputs = model(**inputs)
-        aux = outputs.aux_loss  # None outside training: the model computes it only when there are gradients
+        # use_cache=False: transformers' models infer packed conversations from position_ids only when no cache is
+        # being built (masking_utils); with one, a Llama or Qwen2 row attends across its conversations
+        outputs = model(**inputs, use_cache=False)
+        # ours: None outside training (computed only when there are gradients); other architectures have none
+        aux = getattr(outputs, "aux_loss", None)
         lm_loss = outputs.loss - aux if aux is not None else outputs.loss
         # Normalised by the tokens of the whole accumulated, all-ranks batch (as Trainer.compute_loss does), while
         # the balance loss is a per-micro-batch mean: spread it over the accumulation steps and let DDP average it.

