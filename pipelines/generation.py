@@ -41,10 +41,23 @@ class Samples:
     truncated: list[bool]
 
 
+def merged_state_dict(model) -> dict:
+    """The weights a checkpoint of ``model`` would hold: for a peft model, its LoRA adapters merged in, under the
+    base model's names (what vLLM loads); any other model's own state dict."""
+    if not hasattr(model, "merge_adapter"):
+        return model.state_dict()
+    model.merge_adapter()
+    try:
+        return {name.removeprefix("base_model.model.").replace(".base_layer.", "."): tensor.detach().clone()
+                for name, tensor in model.state_dict().items() if ".lora_" not in name}
+    finally:
+        model.unmerge_adapter()
+
+
 def checkpoint_weights(model):
     """The policy's weights under the official checkpoint names: routed experts are stacked in memory
     (``experts.gate_up_proj`` [E, 2I, H], ``experts.down_proj`` [E, H, I]) and per expert in checkpoints."""
-    for name, tensor in model.state_dict().items():
+    for name, tensor in merged_state_dict(model).items():
         if name.endswith("experts.gate_up_proj"):
             prefix = name[: -len("gate_up_proj")]
             for e, (gate, up) in enumerate(t.chunk(2, 0) for t in tensor.unbind(0)):

@@ -141,6 +141,13 @@ class GRPOArguments:
     backend: str = field(default="hf", metadata={"help": "generation: hf (the policy's generate) or vllm (colocated)"})
     trust_remote_code: bool = field(default=False, metadata={
         "help": "for checkpoints that ship their own modeling code; reaches every loader and vLLM"})
+    use_peft: bool = field(default=False, metadata={
+        "help": "train LoRA adapters (TRL's field names); the reference is the policy with its adapters disabled, "
+                "vLLM gets the merged weights, and each stage saves merged weights (and the adapter)"})
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.0
+    lora_target_modules: list[str] | None = field(default=None, metadata={"help": "none: all linear layers"})
     chat_template_path: str | None = field(default=None, metadata={
         "help": "replaces the policy tokenizer's chat template (chatml, deepseek, a .jinja file or the text)"})
     bf16: bool = field(default=False, metadata={
@@ -322,7 +329,8 @@ class StageRunner:
         self.dir = run_dir / "stages" / name
         self.metrics_path = run_dir / "metrics.jsonl"
         self.policy = policy
-        self.reference = self._frozen_copy(policy) if cfg.beta else None
+        # with LoRA the reference is the policy with its adapters disabled: no second copy of the weights
+        self.reference = self._frozen_copy(policy) if cfg.beta and not is_peft(policy) else None
         self.source = PromptSource(Path(args.data_dir), cfg.prompts, tokenizer, args.seed)
         self.reward = build_reward(cfg.rewards)
         self.process_rm = (rewards.get("process_reward_model", path=cfg.process_reward_model)
@@ -335,7 +343,7 @@ class StageRunner:
         self.labeller = (rewards.get(self.labels_from) if retrain and self.labels_from not in self.reward.rewards
                          else None)
         self.fresh_pairs: list[dict] = []  # this iteration's preference pairs, for the reward model (iterative RL)
-        self.optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.learning_rate, betas=(0.9, 0.95),
+        self.optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=cfg.learning_rate, betas=(0.9, 0.95),
                                            weight_decay=0.0)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, functools.partial(lr_factor, cfg))
         self.step = 0
@@ -500,6 +508,12 @@ class StageRunner:
             out[rows] = self._forward(model, batch, rows)[0].to(out.device)
         return out
 
+    def _reference_logprobs(self, batch: Batch, chunks: list[list[int]]) -> torch.Tensor:
+        if self.reference is not None:
+            return self._scatter(self.reference, batch, chunks)
+        with self.policy.disable_adapter():  # LoRA: the frozen base model is the reference
+            return self._scatter(self.policy, batch, chunks)
+
     def update(self, batch: Batch) -> dict:
         cfg = self.cfg
         n = len(batch.completion_ids)
@@ -512,7 +526,7 @@ class StageRunner:
                 if cfg.num_iterations > 1:
                     old = self._scatter(self.policy, batch, chunks)
                 if cfg.beta:
-                    ref = self._scatter(self.reference, batch, chunks)
+                    ref = self._reference_logprobs(batch, chunks)
         totals: dict[str, float] = {}
         self.policy.train()
         for _ in range(cfg.num_iterations):
@@ -560,10 +574,14 @@ class StageRunner:
 
     def restore(self, folder: Path) -> None:
         state = json.loads((folder / "state.json").read_text())
-        architecture = type(self.policy)  # from_pretrained applies the checkpoint conversion (our stacked experts)
-        self.policy.load_state_dict(architecture.from_pretrained(folder).state_dict())
+        if is_peft(self.policy):  # the checkpoint holds the adapter
+            from peft import load_peft_weights, set_peft_model_state_dict
+
+            set_peft_model_state_dict(self.policy, load_peft_weights(str(folder)))
+        else:  # from_pretrained applies the checkpoint conversion (our stacked experts)
+            self.policy.load_state_dict(type(self.policy).from_pretrained(folder).state_dict())
         if self.reference is not None:
-            self.reference.load_state_dict(architecture.from_pretrained(folder / "reference").state_dict())
+            self.reference.load_state_dict(type(self.reference).from_pretrained(folder / "reference").state_dict())
         saved = torch.load(folder / "trainer.pt", weights_only=False)
         self.optimizer.load_state_dict(saved["optimizer"])
         self.scheduler.load_state_dict(saved["scheduler"])
@@ -659,6 +677,23 @@ def stage_configs(args: GRPOArguments, where: str) -> dict[str, StageConfig]:
     return out
 
 
+def is_peft(model) -> bool:
+    return hasattr(model, "disable_adapter")
+
+
+def with_adapters(model, args: GRPOArguments):
+    """The policy with fresh LoRA adapters (peft), the base weights frozen."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+                        target_modules=args.lora_target_modules or "all-linear", task_type="CAUSAL_LM")
+    model = get_peft_model(model, config)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    logger.info("LoRA r=%d: %d trainable parameters of %d", args.lora_r, trainable,
+                sum(p.numel() for p in model.parameters()))
+    return model
+
+
 def find_safety_rm(stages: dict[str, StageConfig]) -> str | None:
     for cfg in stages.values():
         for spec in cfg.rewards:
@@ -703,19 +738,27 @@ def main(argv=None) -> dict:
             policy = load_causal_lm(stage_dir / "final", "float32", args.trust_remote_code, tokenizer)
             logger.info("%s: already done", name)
             continue
+        if args.use_peft:
+            if cfg.iterations > 1:
+                raise RecipeError(f"{name}: iterative RL resets the reference to the policy, but with use_peft the "
+                                  "reference is the base model (adapters disabled); set iterations: 1 or use_peft false")
+            policy = with_adapters(policy, args)
         runner = StageRunner(name, cfg, args, policy, tokenizer, run_dir)
         checkpoints = sorted(stage_dir.glob("checkpoint-*/state.json"), key=lambda p: int(p.parent.name[11:]))
         if checkpoints and args.resume:
             runner.restore(checkpoints[-1].parent)
             logger.info("%s: continuing from %s", name, checkpoints[-1].parent)
         if generator is None:
-            source = args.policy if not checkpoints else str(checkpoints[-1].parent)
+            source = args.policy if not checkpoints or args.use_peft else str(checkpoints[-1].parent)
             generator = make_generator(args.backend, policy, tokenizer, runner.settings, checkpoint=source,
                                        **({"trust_remote_code": args.trust_remote_code} if args.backend == "vllm"
                                           else {}))
         generator.settings = runner.settings
         generator.sync(policy)
         summary = runner.run(generator)
+        if is_peft(policy):  # the adapter, then plain merged weights that load anywhere (and feed the next stage)
+            policy.save_pretrained(stage_dir / "adapter")
+            policy = policy.merge_and_unload()
         policy.save_pretrained(stage_dir / "final")
         tokenizer.save_pretrained(stage_dir / "final")
         results.setdefault("stages", {})[name] = summary

@@ -74,6 +74,13 @@ class RewardModelArguments:
     eval_examples: int = 500
     simpo_beta: float = field(default=2.0, metadata={"help": "objective simpo: reward = beta x mean reply log-prob"})
     simpo_gamma: float = field(default=0.5, metadata={"help": "objective simpo: the target reward margin"})
+    use_peft: bool = field(default=False, metadata={
+        "help": "LoRA (TRL's field names) for the pairwise and simpo objectives; the merged model is saved, the "
+                "adapter under adapter/"})
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.0
+    lora_target_modules: list[str] | None = field(default=None, metadata={"help": "none: all linear layers"})
     per_model: dict | str | None = field(default=None, metadata={
         "help": "one reward model's own settings, {name: {key: value}} with keys of this recipe (RewardModelArguments "
                 "or RewardConfig), e.g. {reasoning: {objective: simpo, max_train_examples: 2000}}; as JSON on the "
@@ -82,6 +89,10 @@ class RewardModelArguments:
     def __post_init__(self):
         if self.objective not in OBJECTIVES:
             raise ValueError(f"objective={self.objective!r}; expected one of {OBJECTIVES}")
+        if self.use_peft and (self.objective == "pointwise" or self.process_reward_model):
+            raise ValueError("use_peft: LoRA is wired for the pairwise and simpo objectives; the pointwise and process "
+                             "trainers (pipelines/score_head_trainer.py) train the whole model: set "
+                             "process_reward_model false and objective pairwise or simpo, or use_peft false")
         ensure_built(self.data_dir, self.data_recipe, "preferences")
         if isinstance(self.per_model, str):
             try:
@@ -158,7 +169,8 @@ def pairwise_accuracy(path: str, data: Dataset, trust_remote_code: bool = False)
     return sum(right.values()) / len(data), {d: round(right[d] / n, 4) for d, n in sorted(count.items())}
 
 
-def simpo_trainer(model, config: TrainingArguments, train: Dataset, tokenizer, beta: float, gamma: float):
+def simpo_trainer(model, config: TrainingArguments, train: Dataset, tokenizer, beta: float, gamma: float,
+                  peft_config=None):
     """TRL's CPOTrainer with SimPO's loss alone (cpo_alpha 0: no NLL term) on ``config``'s training settings; the
     trained causal LM is an implicit reward model (``rewards.model``) once saved with its beta in the config."""
     from trl.experimental.cpo import CPOConfig, CPOTrainer
@@ -171,7 +183,26 @@ def simpo_trainer(model, config: TrainingArguments, train: Dataset, tokenizer, b
                     disable_dropout=getattr(config, "disable_dropout", True))
     model.config.implicit_reward_beta = beta  # saved with the checkpoint: what makes the scorer read it as an RM
     return CPOTrainer(model=model, args=cpo, train_dataset=train.select_columns(["prompt", "chosen", "rejected"]),
-                      processing_class=tokenizer)
+                      processing_class=tokenizer, peft_config=peft_config)
+
+
+def lora_config(args: RewardModelArguments, task_type: str):
+    """LoRA on every linear layer (or ``lora_target_modules``); a classifier's fresh score head trains in full."""
+    from peft import LoraConfig
+
+    return LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout, task_type=task_type,
+                      target_modules=args.lora_target_modules or "all-linear",
+                      modules_to_save=["score"] if task_type == "SEQ_CLS" else None)
+
+
+def save_merged(trainer, out: str) -> None:
+    """A plain checkpoint that the scorers (and stock transformers) load; with LoRA the adapter too, under adapter/."""
+    model = trainer.model
+    if hasattr(model, "merge_and_unload"):
+        model.save_pretrained(Path(out) / "adapter")
+        model.merge_and_unload().save_pretrained(out)
+    else:
+        trainer.save_model(out)
 
 
 def train_outcome_rm(name, args, config, tokenizer) -> dict:
@@ -180,10 +211,13 @@ def train_outcome_rm(name, args, config, tokenizer) -> dict:
     # our position-wise trainer needs its own columns kept
     sub = _sub_config(config, name, remove_unused_columns=args.objective == "pairwise")
     if args.objective == "simpo":
-        trainer = simpo_trainer(_init_lm(args, tokenizer, config.trust_remote_code), sub, train, tokenizer, args.simpo_beta, args.simpo_gamma)
+        trainer = simpo_trainer(_init_lm(args, tokenizer, config.trust_remote_code), sub, train, tokenizer,
+                                args.simpo_beta, args.simpo_gamma,
+                                lora_config(args, "CAUSAL_LM") if args.use_peft else None)
     elif args.objective == "pairwise":
         model = _init_model(args, tokenizer, config.trust_remote_code)
-        trainer = RewardTrainer(model=model, args=sub, train_dataset=train, processing_class=tokenizer)
+        trainer = RewardTrainer(model=model, args=sub, train_dataset=train, processing_class=tokenizer,
+                                peft_config=lora_config(args, "SEQ_CLS") if args.use_peft else None)
     else:
         model = _init_model(args, tokenizer, config.trust_remote_code)
         rows = [pointwise_features(tokenizer, r["prompt"], reply[0]["content"], good)
@@ -191,7 +225,7 @@ def train_outcome_rm(name, args, config, tokenizer) -> dict:
         trainer = ScoreHeadTrainer(model=model, args=sub, train_dataset=Dataset.from_list(rows),
                                    data_collator=PositionCollator(tokenizer.pad_token_id))
     result = trainer.train()
-    trainer.save_model(sub.output_dir)
+    save_merged(trainer, sub.output_dir)
     tokenizer.save_pretrained(sub.output_dir)
     accuracy, by_domain = pairwise_accuracy(sub.output_dir, held_out, config.trust_remote_code)
     return {"objective": args.objective, "train_pairs": len(train), "held_out_pairs": len(held_out),

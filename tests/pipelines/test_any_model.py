@@ -290,3 +290,36 @@ def test_pipelines_refuse_a_reward_model_as_policy_before_training(qwen2, data, 
     assert done.returncode != 0
     assert f"{classifier}: a sequence-classification checkpoint (Qwen2ForSequenceClassification" in done.stderr
     assert not (tmp_path / "out" / "model.safetensors").exists()
+
+
+def test_grpo_with_lora_uses_the_base_model_as_reference_and_syncs_merged_weights(qwen2, data, tmp_path):
+    out = tmp_path / "grpo_lora"
+    run([sys.executable, "-m", "pipelines.grpo", "recipes/grpo/smollm2.yaml", "--policy", str(qwen2), "--data_dir",
+         str(data), "--output_dir", str(out), "--backend", "vllm", "--use_peft", "true", "--lora_r", "4",
+         "--reasoning.max_steps", "2", "--reasoning.learning_rate", "1e-2", "--reasoning.num_generations", "4",
+         "--reasoning.prompts_per_step", "2", "--reasoning.max_new_tokens", "12", "--reasoning.mini_batch_size", "8",
+         "--reasoning.dynamic_sampling", "false", "--reasoning.rewards",
+         '[{"name": "tests.pipelines.grpo_toy_reward:has_digit"}]', "--eval_math", "2", "--eval_max_new_tokens", "8"],
+        timeout=400)
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    # step 1: the adapters start at zero, so policy = base; step 2: the updated policy against the base (adapters off)
+    assert records[0]["kl"] == pytest.approx(0.0, abs=1e-7) and records[1]["kl"] > 1e-6, records
+    assert max(r["sampler_logprob_gap"] for r in records) <= 1e-5  # vLLM got the merged weights
+    assert (out / "stages" / "reasoning" / "adapter" / "adapter_config.json").is_file()
+    base, merged = _weights(qwen2), _weights(out)
+    assert set(base) == set(merged)  # a plain checkpoint: no lora_ names
+    changed = {k for k in base if not torch.equal(base[k], merged[k])}
+    assert any("q_proj" in k for k in changed) and not any("embed_tokens" in k or "norm" in k for k in changed)
+
+
+def test_reward_model_with_lora_saves_a_plain_classifier(qwen2, data, tmp_path):
+    out = tmp_path / "rm_lora"
+    run([sys.executable, "-m", "pipelines.reward_model", "--config", "recipes/rm/smollm2.yaml", "--data_dir", str(data),
+         "--init_from", str(qwen2), "--use_peft", "true", "--lora_r", "4", "--max_steps", "2",
+         "--learning_rate", "1e-2", "--per_device_train_batch_size", "2", "--eval_examples", "8", "--max_length", "128",
+         "--report_to", "none", "--output_dir", str(out)], timeout=400)
+    base, trained = _weights(qwen2), _weights(out / "safety")
+    assert "score.weight" in trained and not any("lora_" in k for k in trained)
+    changed = {k for k in base if k in trained and not torch.equal(base[k], trained[k])}
+    assert any("q_proj" in k for k in changed)  # the merged adapters
+    assert (out / "safety" / "adapter" / "adapter_config.json").is_file()
