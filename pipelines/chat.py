@@ -4,7 +4,8 @@
     python -m pipelines.chat runs/sft/tiny --temperature 0.7 --system "You are a helpful assistant."
 
 Commands: ``/reset`` forgets the conversation, ``/exit`` (or Ctrl-D) quits. The prompt is the checkpoint's own chat
-template, so any chat checkpoint works, ours or not (``trust_remote_code``: the modeling code ships with ours).
+template, so any chat checkpoint works, ours or not (``pipelines.models`` loads it: a folder without a chat template
+needs ``--chat_template_path chatml``; ``--trust_remote_code`` only for checkpoints that ship their own code).
 """
 
 from __future__ import annotations

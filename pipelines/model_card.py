@@ -24,16 +24,19 @@ def _pct(x) -> str:
 
 
 def render(path: str | Path, recipe: dict, stages: dict[str, dict], evaluation: dict, data_report: dict,
-           parameters: tuple[int, int]) -> str:
+           parameters: tuple[int, int], architecture: str = "DeepseekV2ForCausalLM", base: str | None = None) -> str:
     counts = data_report.get("counts", {})
     domains = data_report.get("sft_domains", {})
+    ours = architecture.startswith("DeepseekV2")
+    about = (f"A DeepSeek-V2 model (MLA + DeepSeekMoE; {parameters[0] / 1e6:.1f}M parameters, "
+             f"{parameters[1] / 1e6:.1f}M activated per token) after `pipelines/sft.py` (arXiv 2405.04434 §4.1). "
+             "The modeling code travels with the weights (`trust_remote_code=True`)." if ours else
+             f"A {architecture} ({parameters[0] / 1e6:.1f}M parameters) fine-tuned from `{base}` by "
+             "`pipelines/sft.py`; stock transformers and vLLM load it as they load the base.")
     lines = [
         "---", "library_name: transformers", "pipeline_tag: text-generation",
-        "tags: [deepseek_v2, mla, moe, sft, dsv2-align]", "---", "",
-        f"# {Path(path).name}: DeepSeek-V2 architecture, supervised fine-tuned with dsv2-align", "",
-        f"A DeepSeek-V2 model (MLA + DeepSeekMoE; {parameters[0] / 1e6:.1f}M parameters, "
-        f"{parameters[1] / 1e6:.1f}M activated per token) after `pipelines/sft.py` (arXiv 2405.04434 §4.1). "
-        "The modeling code travels with the weights (`trust_remote_code=True`).", "",
+        f"tags: [{'deepseek_v2, mla, moe, ' if ours else ''}sft, dsv2-align]", "---", "",
+        f"# {Path(path).name}: {architecture}, supervised fine-tuned with dsv2-align", "", about, "",
         "## Load", "", LOAD_SNIPPET.format(path=path), "",
         "## Training data", "",
         f"Mixture `{data_report.get('name', '?')}` built by `data_prep` (`mixture.yaml` beside the data): "
@@ -49,8 +52,8 @@ def render(path: str | Path, recipe: dict, stages: dict[str, dict], evaluation: 
     ]
     for name, s in stages.items():
         lines.append(f"| {name} | {s.get('loss_on', '?')} | {s.get('steps', '?')} | {s.get('tokens', '?')} | "
-                     f"{s.get('learning_rate', '?')} | {s.get('final_loss', float('nan')):.4f} | "
-                     f"{s.get('final_aux_loss') or float('nan'):.4f} | {s.get('seconds', 0):.0f} s |")
+                     f"{s.get('learning_rate', '?')} | {_nan_if_none(s.get('final_loss')):.4f} | "
+                     f"{_nan_if_none(s.get('final_aux_loss')):.4f} | {s.get('seconds', 0):.0f} s |")
     lines += ["", "The resolved recipe is `recipe.yaml` in this folder; metrics per logging step are in "
               "`metrics.jsonl`, the curve in `loss_curve.png`.", ""]
     if evaluation:
@@ -68,9 +71,12 @@ def render(path: str | Path, recipe: dict, stages: dict[str, dict], evaluation: 
                       f"{evaluation['safety_benign_n']} |"]
         lines += ["", "Math is scored by `rewards.math.score` (the GRPO reward's checker), refusals by "
                   "`data_prep.generators.safety.is_refusal`.", ""]
+    files = sorted(data_report.get("file_sources", {}))
     lines += ["## Limitations", "",
-              "Trained on this project's generated data only: templated arithmetic, code, reasoning, writing, "
-              "general and safety conversations. It is a pipeline artefact, not a general assistant.", ""]
+              (f"Fine-tuned on {', '.join(files)} (see Training data) for a few steps or epochs on whatever budget the "
+               "recipe gave it; check the evaluation above before relying on it." if files else
+               "Trained on this project's generated data only: templated arithmetic, code, reasoning, writing, "
+               "general and safety conversations. It is a pipeline artefact, not a general assistant."), ""]
     return "\n".join(lines)
 
 
@@ -83,3 +89,8 @@ def write(path: str | Path, **kwargs) -> Path:
 def data_report(data_dir: str | Path) -> dict:
     report = Path(data_dir) / "report.json"
     return json.loads(report.read_text()) if report.is_file() else {}
+
+
+def _nan_if_none(value) -> float:
+    """A figure the run did not log (fewer steps than logging_steps, or a model without a balance loss)."""
+    return float("nan") if value is None else value

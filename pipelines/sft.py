@@ -282,7 +282,8 @@ def main(argv=None) -> dict:
     (run_dir / "eval.json").write_text(json.dumps(result, indent=2))
     plot_loss_curve(records, run_dir / "loss_curve.png", title=f"SFT {run_dir.name}")
     model_card.write(run_dir, recipe=recipe, stages=summaries, evaluation=evaluation,
-                     data_report=model_card.data_report(data_dir), parameters=parameters(chat_model))
+                     data_report=model_card.data_report(data_dir), parameters=parameters(chat_model),
+                     architecture=type(chat_model).__name__, base=model_args.model_name_or_path)
     logger.info("done in %.0f s: %s", result["wall_seconds"], json.dumps(
         {k: v for k, v in evaluation.items() if not isinstance(v, (list, dict))}))
     return result
