@@ -52,7 +52,7 @@ from rewards.combine import WeightedSum
 from . import quick_eval
 from .config import RecipeError, coerce, parse_recipe
 from .generation import SamplingSettings, make_generator
-from .models import load_causal_lm, load_sequence_classifier, load_tokenizer
+from .models import LoraArguments, load_causal_lm, load_sequence_classifier, load_tokenizer
 from .grpo_loss import AGGREGATIONS, outcome_advantages, policy_loss, process_advantages
 from .run_state import prepare_run_dir
 from .tracking import plot_reward_curve
@@ -129,7 +129,7 @@ class StageConfig:
 
 
 @dataclass
-class GRPOArguments:
+class GRPOArguments(LoraArguments):
     policy: str = field(default="runs/sft/tiny", metadata={"help": "the SFT checkpoint (make sft)"})
     data_dir: str = field(default="runs/data/tiny", metadata={"help": "a data_prep build with rl/ and heldout/"})
     data_recipe: str | None = field(default=None, metadata={
@@ -141,13 +141,6 @@ class GRPOArguments:
     backend: str = field(default="hf", metadata={"help": "generation: hf (the policy's generate) or vllm (colocated)"})
     trust_remote_code: bool = field(default=False, metadata={
         "help": "for checkpoints that ship their own modeling code; reaches every loader and vLLM"})
-    use_peft: bool = field(default=False, metadata={
-        "help": "train LoRA adapters (TRL's field names); the reference is the policy with its adapters disabled, "
-                "vLLM gets the merged weights, and each stage saves merged weights (and the adapter)"})
-    lora_r: int = 16
-    lora_alpha: int = 32
-    lora_dropout: float = 0.0
-    lora_target_modules: list[str] | None = field(default=None, metadata={"help": "none: all linear layers"})
     chat_template_path: str | None = field(default=None, metadata={
         "help": "replaces the policy tokenizer's chat template (chatml, deepseek, a .jinja file or the text)"})
     bf16: bool = field(default=False, metadata={
@@ -683,11 +676,9 @@ def is_peft(model) -> bool:
 
 def with_adapters(model, args: GRPOArguments):
     """The policy with fresh LoRA adapters (peft), the base weights frozen."""
-    from peft import LoraConfig, get_peft_model
+    from peft import get_peft_model
 
-    config = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
-                        target_modules=args.lora_target_modules or "all-linear", task_type="CAUSAL_LM")
-    model = get_peft_model(model, config)
+    model = get_peft_model(model, args.lora_config("CAUSAL_LM"))
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     logger.info("LoRA r=%d: %d trainable parameters of %d", args.lora_r, trainable,
                 sum(p.numel() for p in model.parameters()))

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -163,3 +164,24 @@ def model_type(path) -> str | None:
         return json.loads((Path(path) / "config.json").read_text()).get("model_type")
     except (OSError, ValueError):
         return None
+
+
+@dataclass
+class LoraArguments:
+    """LoRA for the reward-model and GRPO pipelines, under TRL's ``ModelConfig`` field names (SFT uses TRL's own)."""
+
+    use_peft: bool = field(default=False, metadata={
+        "help": "train LoRA adapters on the frozen model; the saved checkpoint is the merged model, the adapter "
+                "beside it under adapter/ (GRPO: the reference is the policy with its adapters disabled)"})
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.0
+    lora_target_modules: list[str] | None = field(default=None, metadata={"help": "none: all linear layers"})
+
+    def lora_config(self, task_type: str):
+        """peft's config; a classifier's fresh score head (``SEQ_CLS``) trains in full."""
+        from peft import LoraConfig
+
+        return LoraConfig(r=self.lora_r, lora_alpha=self.lora_alpha, lora_dropout=self.lora_dropout,
+                          task_type=task_type, target_modules=self.lora_target_modules or "all-linear",
+                          modules_to_save=["score"] if task_type == "SEQ_CLS" else None)

@@ -44,7 +44,7 @@ from modeling import DeepseekV2ForCausalLM, DeepseekV2ForSequenceClassification,
 from rewards.model import RewardModelScorer
 
 from .config import coerce
-from .models import load_causal_lm, load_sequence_classifier, load_tokenizer
+from .models import LoraArguments, load_causal_lm, load_sequence_classifier, load_tokenizer
 from .score_head_trainer import (
     PositionCollator,
     ScoreHeadTrainer,
@@ -60,7 +60,7 @@ PAPER_RM_NAMES = ("reasoning", "helpful", "safety")  # the outcome RMs of §4.2
 
 
 @dataclass
-class RewardModelArguments:
+class RewardModelArguments(LoraArguments):  # LoRA: pairwise and simpo objectives
     data_dir: str = field(default="runs/data/tiny", metadata={"help": "a data_prep build (preferences/, process/)"})
     data_recipe: str | None = field(default=None, metadata={
         "help": "data_prep spec, built into data_dir when data_dir has no preferences/ yet"})
@@ -74,13 +74,6 @@ class RewardModelArguments:
     eval_examples: int = 500
     simpo_beta: float = field(default=2.0, metadata={"help": "objective simpo: reward = beta x mean reply log-prob"})
     simpo_gamma: float = field(default=0.5, metadata={"help": "objective simpo: the target reward margin"})
-    use_peft: bool = field(default=False, metadata={
-        "help": "LoRA (TRL's field names) for the pairwise and simpo objectives; the merged model is saved, the "
-                "adapter under adapter/"})
-    lora_r: int = 16
-    lora_alpha: int = 32
-    lora_dropout: float = 0.0
-    lora_target_modules: list[str] | None = field(default=None, metadata={"help": "none: all linear layers"})
     per_model: dict | str | None = field(default=None, metadata={
         "help": "one reward model's own settings, {name: {key: value}} with keys of this recipe (RewardModelArguments "
                 "or RewardConfig), e.g. {reasoning: {objective: simpo, max_train_examples: 2000}}; as JSON on the "
@@ -186,15 +179,6 @@ def simpo_trainer(model, config: TrainingArguments, train: Dataset, tokenizer, b
                       processing_class=tokenizer, peft_config=peft_config)
 
 
-def lora_config(args: RewardModelArguments, task_type: str):
-    """LoRA on every linear layer (or ``lora_target_modules``); a classifier's fresh score head trains in full."""
-    from peft import LoraConfig
-
-    return LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout, task_type=task_type,
-                      target_modules=args.lora_target_modules or "all-linear",
-                      modules_to_save=["score"] if task_type == "SEQ_CLS" else None)
-
-
 def save_merged(trainer, out: str) -> None:
     """A plain checkpoint that the scorers (and stock transformers) load; with LoRA the adapter too, under adapter/."""
     model = trainer.model
@@ -213,11 +197,11 @@ def train_outcome_rm(name, args, config, tokenizer) -> dict:
     if args.objective == "simpo":
         trainer = simpo_trainer(_init_lm(args, tokenizer, config.trust_remote_code), sub, train, tokenizer,
                                 args.simpo_beta, args.simpo_gamma,
-                                lora_config(args, "CAUSAL_LM") if args.use_peft else None)
+                                args.lora_config("CAUSAL_LM") if args.use_peft else None)
     elif args.objective == "pairwise":
         model = _init_model(args, tokenizer, config.trust_remote_code)
         trainer = RewardTrainer(model=model, args=sub, train_dataset=train, processing_class=tokenizer,
-                                peft_config=lora_config(args, "SEQ_CLS") if args.use_peft else None)
+                                peft_config=args.lora_config("SEQ_CLS") if args.use_peft else None)
     else:
         model = _init_model(args, tokenizer, config.trust_remote_code)
         rows = [pointwise_features(tokenizer, r["prompt"], reply[0]["content"], good)
