@@ -94,5 +94,5 @@ def test_per_model_settings_are_checked(data_dir, per_model, message):
 def test_unknown_objective_and_missing_data_are_explained(tmp_path):
     with pytest.raises(ValueError, match="objective"):
         main(["--config", "recipes/rm/tiny.yaml", "--objective", "listwise", "--data_dir", str(tmp_path)])
-    with pytest.raises(FileNotFoundError, match="make data"):
+    with pytest.raises(FileNotFoundError, match=r"nowhere/preferences does not exist.*data_prep build"):
         main(["--config", "recipes/rm/tiny.yaml", "--data_dir", str(tmp_path / "nowhere")])
