@@ -52,7 +52,8 @@ from rewards.combine import WeightedSum
 from . import quick_eval
 from .config import RecipeError, coerce, parse_recipe
 from .generation import SamplingSettings, make_generator
-from .models import LoraArguments, load_causal_lm, load_sequence_classifier, load_tokenizer
+from .models import (LoraArguments, load_causal_lm, load_sequence_classifier, load_tokenizer,
+                     warn_if_bf16_is_emulated)
 from .grpo_loss import AGGREGATIONS, outcome_advantages, policy_loss, process_advantages
 from .run_state import prepare_run_dir
 from .tracking import plot_reward_curve
@@ -700,6 +701,7 @@ def main(argv=None) -> dict:
     stages = stage_configs(args, recipe_path or "command line")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     run_start = time.perf_counter()
+    warn_if_bf16_is_emulated(args.bf16)
     torch.manual_seed(args.seed)
     random.seed(args.seed)
 

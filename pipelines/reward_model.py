@@ -44,7 +44,7 @@ from modeling import DeepseekV2ForCausalLM, DeepseekV2ForSequenceClassification,
 from rewards.model import RewardModelScorer
 
 from .config import coerce
-from .models import LoraArguments, load_causal_lm, load_sequence_classifier, load_tokenizer
+from .models import LoraArguments, load_causal_lm, load_sequence_classifier, load_tokenizer, warn_if_bf16_is_emulated
 from .score_head_trainer import (
     PositionCollator,
     ScoreHeadTrainer,
@@ -227,8 +227,8 @@ def train_process_rm(args, config, tokenizer) -> dict:
 
     collator = PositionCollator(tokenizer.pad_token_id)
     sub = _sub_config(config, PROCESS_RM_NAME, remove_unused_columns=False)
-    trainer = ScoreHeadTrainer(model=_init_model(args, tokenizer, config.trust_remote_code), args=sub, train_dataset=features(train),
-                               data_collator=collator)
+    trainer = ScoreHeadTrainer(model=_init_model(args, tokenizer, config.trust_remote_code), args=sub,
+                               train_dataset=features(train), data_collator=collator)
     result = trainer.train()
     trainer.save_model(sub.output_dir)
     tokenizer.save_pretrained(sub.output_dir)
@@ -241,6 +241,7 @@ def main(argv=None):
     # 1. recipe + overrides, seed, logging
     args, config = TrlParser((RewardModelArguments, RewardConfig)).parse_args_and_config(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    warn_if_bf16_is_emulated(config.bf16)
     set_seed(config.seed)
     start = time.perf_counter()
     # 2. tokenizer: the SFT checkpoint's, or the data build's

@@ -51,7 +51,7 @@ from data_prep.errors import SkipReport
 from modeling import DeepseekV2ForCausalLM, count_parameters, load_model_config
 
 from . import model_card, quick_eval
-from .models import load_causal_lm, load_tokenizer
+from .models import load_causal_lm, load_tokenizer, warn_if_bf16_is_emulated
 from .config import RecipeError, coerce, parse_recipe
 from .run_state import last_complete_checkpoint, mark_stage_done, prepare_run_dir, stage_done
 from .sft_trainer import DeepseekSFTTrainer, PackedCollator, loss_on_every_token
@@ -204,6 +204,7 @@ def main(argv=None) -> dict:
     logging.basicConfig(level=logging.INFO if state.is_main_process else logging.WARNING,
                         format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     run_start = time.perf_counter()
+    warn_if_bf16_is_emulated(args.bf16)
 
     # 3. Run folder: the resolved recipe, and whether a previous run of it is there to continue
     run_dir = Path(args.output_dir)

@@ -44,7 +44,7 @@ def test_reward_models_train_and_load_by_path(data_dir, objective):
     alone = ["--reward_models", "safety", "--objective", objective, "--num_train_epochs", "3", "--per_model", "null"]
     metrics = main(["--config", "recipes/rm/tiny.yaml", "--data_dir", str(data_dir / "data"), "--init_from", "",
                     "--output_dir", str(out), "--eval_examples", "40", "--report_to", "none",
-                    "--learning_rate", "1e-3", "--per_device_train_batch_size", "16",
+                    "--learning_rate", "1e-3", "--per_device_train_batch_size", "16", "--bf16", "false",
                     "--process_reward_model", str(objective == "pairwise"),
                     *(alone if objective != "pairwise" else [])])
     saved = json.loads((out / "metrics.json").read_text())
