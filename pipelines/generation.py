@@ -41,6 +41,13 @@ class Samples:
     truncated: list[bool]
 
 
+def prompt_seed(*key) -> int:
+    """A sampling seed for one prompt from what identifies it in a run (seed, stage, step, round, its index in the
+    step), the same whichever process samples it. Hashed: vLLM draws a request's n samples with seeds s .. s + n - 1,
+    so neighbouring integers would share streams between prompts."""
+    return random.Random("/".join(map(str, key))).getrandbits(31)
+
+
 def merged_state_dict(model) -> dict:
     """The weights a checkpoint of ``model`` would hold: for a peft model, its LoRA adapters merged in, under the
     base model's names (what vLLM loads); any other model's own state dict."""
@@ -93,8 +100,23 @@ class HFGenerator:
     def sync(self, model) -> None:
         self.model = model  # the same module: its weights are the trainer's
 
+    def generate(self, prompts: list[list[int]], n: int, seed: int | list[int] | None = None) -> Samples:
+        """``n`` samples per prompt. ``seed``: one for the whole call (batched), or one per prompt (each prompt's
+        group sampled on its own, so its completions do not depend on which other prompts share the call)."""
+        if not isinstance(seed, list):
+            return self._generate(prompts, n, seed)
+        out = Samples([], [], [], [], [])
+        for i, (prompt, prompt_seed) in enumerate(zip(prompts, seed)):
+            part = self._generate([prompt], n, prompt_seed)
+            out.prompt_index += [i] * len(part.prompt_index)
+            out.completion_ids += part.completion_ids
+            out.logprobs += part.logprobs
+            out.texts += part.texts
+            out.truncated += part.truncated
+        return out
+
     @torch.no_grad()
-    def generate(self, prompts: list[list[int]], n: int, seed: int | None = None) -> Samples:
+    def _generate(self, prompts: list[list[int]], n: int, seed: int | None) -> Samples:
         s, tok = self.settings, self.tokenizer
         if seed is not None:
             torch.manual_seed(seed)
@@ -164,15 +186,19 @@ class VLLMGenerator:
         self.llm.collective_rpc(reload)
         self.llm.reset_prefix_cache()
 
-    def generate(self, prompts: list[list[int]], n: int, seed: int | None = None) -> Samples:
+    def generate(self, prompts: list[list[int]], n: int, seed: int | list[int] | None = None) -> Samples:
+        """``n`` samples per prompt; ``seed``: one for the call, or one per prompt (see ``prompt_seed``)."""
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
         s = self.settings
         # vLLM seeds the n samples of a request seed, seed + 1, ..., seed + n - 1: one seed for every prompt would give
         # sample j of each prompt the same random stream (a batch of correlated samples), so each prompt draws its own
-        rng = random.Random(seed)
-        seeds = [None if seed is None else rng.getrandbits(31) for _ in prompts]
+        if isinstance(seed, list):
+            seeds = seed
+        else:
+            rng = random.Random(seed)
+            seeds = [None if seed is None else rng.getrandbits(31) for _ in prompts]
 
         def params(prompt_seed: int | None) -> SamplingParams:
             return SamplingParams(n=n, temperature=s.temperature, top_p=s.top_p, max_tokens=s.max_new_tokens,

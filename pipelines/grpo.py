@@ -30,6 +30,7 @@ Launch:
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import json
@@ -42,6 +43,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from accelerate import Accelerator
+from accelerate.utils import gather_object
 from datasets import concatenate_datasets, load_from_disk
 from tqdm.auto import tqdm
 from transformers import GenerationConfig
@@ -51,7 +54,7 @@ from data_prep import ensure_built
 from rewards.combine import WeightedSum
 from . import quick_eval
 from .config import RecipeError, coerce, parse_recipe
-from .generation import SamplingSettings, make_generator
+from .generation import SamplingSettings, make_generator, prompt_seed
 from .models import (LoraArguments, load_causal_lm, load_sequence_classifier, load_tokenizer,
                      warn_if_bf16_is_emulated)
 from .grpo_loss import AGGREGATIONS, outcome_advantages, policy_loss, process_advantages
@@ -165,6 +168,12 @@ class GRPOArguments(LoraArguments):
 # Pieces of a step
 # ----------------------------------------------------------------------------------------------------------------
 
+def make_accelerator() -> Accelerator:
+    """One process, or one of those ``accelerate launch`` started (DDP; gloo on CPUs). Mixed precision stays off
+    here: the recipe's ``bf16`` turns on autocast in the training passes, the one switch for it."""
+    return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision="no")
+
+
 def lr_factor(cfg: StageConfig, step: int) -> float:
     """The learning-rate multiplier after ``step`` optimizer steps: linear warmup, then constant or a cosine to 0.
     The SFT checkpoint ends annealed (its own cosine reaches ~0); RL at a constant rate moves it out of that basin,
@@ -238,12 +247,17 @@ def sequence_logprobs(model, prompt_ids, completion_ids, temperature: float = 1.
     return torch.stack(out), mask.to(device), torch.stack(entropies).mean().item(), balance
 
 
-def length_sorted_chunks(prompt_ids: list[list[int]], completion_ids: list[list[int]], size: int) -> list[list[int]]:
-    """Row indices in chunks of ``size``, rows of similar prompt + completion length together: a chunk is padded to
-    its longest row, and completions here run from ~10 to ~100 tokens, so random chunks spend much of each forward
-    and backward on padding. Every row is in exactly one chunk; the gradient, a sum over chunks, is unchanged."""
+def process_chunks(prompt_ids: list[list[int]], completion_ids: list[list[int]], size: int, rank: int = 0,
+                   world: int = 1) -> list[list[int]]:
+    """This process's row indices of the global batch, in chunks of at most ``size``: rows sorted by prompt +
+    completion length (a chunk is padded to its longest row, and completions run from a few to hundreds of tokens,
+    so random chunks spend much of each pass on padding), every ``world``-th of them taken from ``rank`` on. Every
+    process gets the same number of chunks (empty ones where it runs out), and every row is in exactly one
+    process's chunk: the gradient, a sum over chunks and processes, is unchanged."""
     order = sorted(range(len(completion_ids)), key=lambda i: len(prompt_ids[i]) + len(completion_ids[i]))
-    return [order[s:s + size] for s in range(0, len(order), size)]
+    mine = order[rank::world]
+    count = math.ceil(math.ceil(len(order) / world) / size)
+    return [mine[s * size:(s + 1) * size] for s in range(count)]
 
 
 @dataclass
@@ -318,13 +332,12 @@ def step_end_tokens(tokenizer, completion_ids: list[int], n_steps: int) -> list[
 class StageRunner:
     """Runs one stage: sampling, scoring, advantages, μ updates, metrics, checkpoints."""
 
-    def __init__(self, name: str, cfg: StageConfig, args: GRPOArguments, policy, tokenizer, run_dir: Path):
+    def __init__(self, name: str, cfg: StageConfig, args: GRPOArguments, policy, tokenizer, run_dir: Path,
+                 accelerator: Accelerator | None = None):
         self.name, self.cfg, self.args, self.tokenizer = name, cfg, args, tokenizer
+        self.accelerator = accelerator = accelerator or make_accelerator()
         self.dir = run_dir / "stages" / name
         self.metrics_path = run_dir / "metrics.jsonl"
-        self.policy = policy
-        # with LoRA the reference is the policy with its adapters disabled: no second copy of the weights
-        self.reference = self._frozen_copy(policy) if cfg.beta and not is_peft(policy) else None
         self.source = PromptSource(Path(args.data_dir), cfg.prompts, tokenizer, args.seed)
         self.reward = build_reward(cfg.rewards)
         self.process_rm = (rewards.get("process_reward_model", path=cfg.process_reward_model)
@@ -337,9 +350,17 @@ class StageRunner:
         self.labeller = (rewards.get(self.labels_from) if retrain and self.labels_from not in self.reward.rewards
                          else None)
         self.fresh_pairs: list[dict] = []  # this iteration's preference pairs, for the reward model (iterative RL)
-        self.optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=cfg.learning_rate, betas=(0.9, 0.95),
-                                           weight_decay=0.0)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, functools.partial(lr_factor, cfg))
+        optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=cfg.learning_rate,
+                                      betas=(0.9, 0.95), weight_decay=0.0)
+        # the scheduler stays ours: accelerate's would step once per process per optimizer step
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, functools.partial(lr_factor, cfg))
+        # self.policy: what trains (DDP-wrapped with several processes); self.model: the module itself, for
+        # no-grad passes, sampling, syncs and saves
+        self.policy, self.optimizer = accelerator.prepare(policy, optimizer)
+        self.model = accelerator.unwrap_model(self.policy)
+        # with LoRA the reference is the policy with its adapters disabled: no second copy of the weights; β = 0:
+        # no reference at all
+        self.reference = self._frozen_copy(self.model) if cfg.beta and not is_peft(self.model) else None
         self.step = 0
 
     @staticmethod
@@ -351,88 +372,111 @@ class StageRunner:
 
     # -- sampling and scoring ------------------------------------------------------------------------------------
     def sample(self, generator) -> Batch:
-        cfg, G = self.cfg, self.cfg.num_generations
-        kept_prompts, kept_samples, kept_rewards, kept_steps = [], [], [], []
-        seen = zero_var = 0
+        """Prompts for one step, G completions each, scored; with dynamic sampling, groups whose rewards all agree
+        are dropped and refilled. With several processes, each samples and scores every N-th group of a round (its
+        seed is the prompt's, not the process's) and all of them gather every group, so each process holds the
+        same global batch, advantages and metrics as one process would."""
+        cfg, G, acc = self.cfg, self.cfg.num_generations, self.accelerator
+        sampled, kept = [], []  # groups (dicts), in the order one process would sample them
         t_gen = t_score = 0.0
-        per_reward: dict[str, list[float]] = {}
+        local_completions = 0
         rounds = cfg.max_sampling_rounds if cfg.dynamic_sampling else 1
-        truncated = lengths = 0
-        sampled_rewards: list[float] = []
         for round_ in range(rounds):
-            want = cfg.prompts_per_step - len(kept_prompts) // G
-            picked = self.source.take(want)
+            picked = self.source.take(cfg.prompts_per_step - len(kept))
+            mine = list(range(acc.process_index, len(picked), acc.num_processes))
             start = time.perf_counter()
-            samples = generator.generate([self.source.ids[i] for i in picked], G,
-                                         seed=self.args.seed * 100003 + self.step * 101 + round_)
+            samples = generator.generate(
+                [self.source.ids[picked[j]] for j in mine], G,
+                seed=[prompt_seed(self.args.seed, self.name, self.step, round_, j) for j in mine]) if mine else None
             t_gen += time.perf_counter() - start
             start = time.perf_counter()
-            rows = self.source.data.select([picked[i] for i in samples.prompt_index])
-            columns = {k: rows[k] for k in rows.column_names if k != "prompt"}
-            scores = self.reward(prompts=rows["prompt"], completions=samples.texts, **columns)
-            sampled_rewards += scores
-            for key, value in self.reward.last_metrics.items():
-                per_reward.setdefault(key, []).append(value)
-            steps = (self.process_rm.step_scores(rows["prompt"], samples.texts) if self.process_rm else None)
-            if self.labels_from is not None:
-                labels = (self.labeller(prompts=rows["prompt"], completions=samples.texts, **columns)
-                          if self.labeller is not None else self.reward.last_values[self.labels_from])
-                self._collect_pairs(rows["prompt"], samples.texts, labels, G)
+            local = self._score(samples, [picked[j] for j in mine], mine) if mine else []
             t_score += time.perf_counter() - start
-            truncated += sum(samples.truncated)
-            lengths += sum(len(c) for c in samples.completion_ids)
-            for g in range(len(picked)):
-                block = slice(g * G, (g + 1) * G)
-                group_rewards = scores[block]
-                seen += 1
-                agree = max(group_rewards) - min(group_rewards) < 1e-9
-                zero_var += agree
+            local_completions += len(mine) * G
+            groups = sorted(gather_object(local) if acc.num_processes > 1 else local, key=lambda g: g["index"])
+            for group in groups:
+                sampled.append(group)
+                if self.labels_from is not None:
+                    self._collect_pairs(group)
+                agree = max(group["rewards"]) - min(group["rewards"]) < 1e-9
+                group["zero_variance"] = agree
                 if agree and cfg.dynamic_sampling and round_ < rounds - 1:
                     continue  # no signal: refill with fresh prompts
-                kept_prompts += [self.source.ids[picked[g]]] * G
-                kept_samples += list(zip(samples.completion_ids[block], samples.logprobs[block]))
-                kept_rewards += group_rewards
-                if steps is not None:
-                    kept_steps += steps[block]
-            if len(kept_prompts) >= cfg.prompts_per_step * G:
+                kept.append(group)
+            if len(kept) >= cfg.prompts_per_step:
                 break
-        completions = [c for c, _ in kept_samples]
+        prompts = [self.source.ids[g["prompt_index"]] for g in kept for _ in range(G)]
+        completions = [c for g in kept for c in g["completion_ids"]]
         T = max(map(len, completions))
         sampler = torch.zeros(len(completions), T)
-        for i, (_, lp) in enumerate(kept_samples):
+        for i, lp in enumerate(lp for g in kept for lp in g["logprobs"]):
             sampler[i, :len(lp)] = torch.tensor(lp)
+        kept_rewards = [r for g in kept for r in g["rewards"]]
         rewards_t = torch.tensor(kept_rewards, dtype=torch.float)
         if self.process_rm is not None:
-            ends = [step_end_tokens(self.tokenizer, c, len(s)) for c, s in zip(completions, kept_steps)]
-            advantages = process_advantages(kept_steps, ends, G, T, scale=cfg.scale_rewards)
+            steps = [s for g in kept for s in g["steps"]]
+            ends = [step_end_tokens(self.tokenizer, c, len(s)) for c, s in zip(completions, steps)]
+            advantages = process_advantages(steps, ends, G, T, scale=cfg.scale_rewards)
         else:
             advantages = outcome_advantages(rewards_t, G, scale=cfg.scale_rewards)
-        n = len(kept_rewards)
+        every = [r for g in sampled for r in g["rewards"]]
+        n_sampled = len(every)
         metrics = {
             # reward: over everything sampled (the policy's own); reward_kept: the groups that trained
-            "reward": sum(sampled_rewards) / len(sampled_rewards), "reward_kept": rewards_t.mean().item(),
+            "reward": sum(every) / n_sampled, "reward_kept": rewards_t.mean().item(),
             "reward_std": rewards_t.view(-1, G).std(1).mean().item(),
-            "zero_variance_groups": zero_var / max(1, seen), "sampled_groups": seen,
-            "completion_length": lengths / max(1, seen * G), "truncated": truncated / max(1, seen * G),
+            "zero_variance_groups": sum(g["zero_variance"] for g in sampled) / len(sampled),
+            "sampled_groups": len(sampled),
+            "completion_length": sum(len(c) for g in sampled for c in g["completion_ids"]) / n_sampled,
+            "truncated": sum(t for g in sampled for t in g["truncated"]) / n_sampled,
             "time_generation": round(t_gen, 3), "time_scoring": round(t_score, 3),
-            **{f"rewards/{k}": sum(v) / len(v) for k, v in per_reward.items()},
+            "num_processes": acc.num_processes, "completions_per_process": local_completions,
         }
-        if "math_accuracy/mean" in per_reward:
+        for name in self.reward.rewards:  # each reward's mean where it applies (None: not for that row's domain)
+            applied = [v for g in sampled for v in g["values"][name] if v is not None and not math.isnan(v)]
+            if applied:
+                metrics[f"rewards/{name}/mean"] = sum(applied) / len(applied)
+        if "rewards/math_accuracy/mean" in metrics:
             metrics["accuracy"] = metrics["rewards/math_accuracy/mean"]
-        return Batch(kept_prompts, completions, sampler[:n], advantages, kept_rewards, metrics)
+        return Batch(prompts, completions, sampler, advantages, kept_rewards, metrics)
 
-    def _collect_pairs(self, prompts, texts: list[str], labels: list[float], G: int) -> None:
-        """Per group whose labels differ: (its best completion, its worst) as a preference pair. Completions the
+    def _score(self, samples, prompt_rows: list[int], index: list[int]) -> list[dict]:
+        """This process's groups of a round, scored: one dict per prompt with its G completions, their sampler
+        log-probs, rewards (the weighted sum and each reward's values), process-RM step scores and pair labels."""
+        G = self.cfg.num_generations
+        rows = self.source.data.select([prompt_rows[i] for i in samples.prompt_index])
+        columns = {k: rows[k] for k in rows.column_names if k != "prompt"}
+        scores = self.reward(prompts=rows["prompt"], completions=samples.texts, **columns)
+        values = dict(self.reward.last_values)
+        steps = self.process_rm.step_scores(rows["prompt"], samples.texts) if self.process_rm else None
+        labels = None
+        if self.labels_from is not None:
+            labels = (self.labeller(prompts=rows["prompt"], completions=samples.texts, **columns)
+                      if self.labeller is not None else values[self.labels_from])
+        groups = []
+        for g, (j, row) in enumerate(zip(index, prompt_rows)):
+            block = slice(g * G, (g + 1) * G)
+            groups.append({
+                "index": j, "prompt_index": row, "prompt": rows["prompt"][g * G],
+                "completion_ids": samples.completion_ids[block], "logprobs": samples.logprobs[block],
+                "texts": samples.texts[block], "truncated": samples.truncated[block], "rewards": scores[block],
+                "values": {k: v[block] for k, v in values.items()},
+                "steps": steps[block] if steps is not None else None,
+                "labels": labels[block] if labels is not None else None})
+        return groups
+
+    def _collect_pairs(self, group: dict) -> None:
+        """A group whose labels differ gives a preference pair: (its best completion, its worst). Completions the
         labelling reward does not apply to (None) are left out."""
-        for g in range(len(texts) // G):
-            block = [i for i in range(g * G, (g + 1) * G) if labels[i] is not None]
-            if len(block) < 2:
-                continue
-            best, worst = max(block, key=lambda i: labels[i]), min(block, key=lambda i: labels[i])
-            if labels[best] > labels[worst]:
-                self.fresh_pairs.append({"prompt": prompts[g * G],
-                                         "chosen": [{"role": "assistant", "content": texts[best]}],
-                                         "rejected": [{"role": "assistant", "content": texts[worst]}]})
+        labels, texts = group["labels"], group["texts"]
+        block = [i for i in range(len(texts)) if labels[i] is not None]
+        if len(block) < 2:
+            return
+        best, worst = max(block, key=lambda i: labels[i]), min(block, key=lambda i: labels[i])
+        if labels[best] > labels[worst]:
+            self.fresh_pairs.append({"prompt": group["prompt"],
+                                     "chosen": [{"role": "assistant", "content": texts[best]}],
+                                     "rejected": [{"role": "assistant", "content": texts[worst]}]})
 
     def _retrain_reward_model(self, iteration: int) -> dict:
         """DeepSeekMath Alg. 1: continue training the reward model on this iteration's pairs plus a replay share of
@@ -496,7 +540,7 @@ class StageRunner:
                                      width=batch.sampler_logprobs.shape[1])
 
     def _scatter(self, model, batch: Batch, chunks: list[list[int]]) -> torch.Tensor:
-        """Per-token log-probs of every completion under ``model`` (no grad), rows in the batch's order."""
+        """Per-token log-probs of the chunks' completions under ``model`` (no grad), rows in the batch's order."""
         out = torch.zeros_like(batch.sampler_logprobs)
         for rows in chunks:
             out[rows] = self._forward(model, batch, rows)[0].to(out.device)
@@ -505,78 +549,97 @@ class StageRunner:
     def _reference_logprobs(self, batch: Batch, chunks: list[list[int]]) -> torch.Tensor:
         if self.reference is not None:
             return self._scatter(self.reference, batch, chunks)
-        with self.policy.disable_adapter():  # LoRA: the frozen base model is the reference
-            return self._scatter(self.policy, batch, chunks)
+        with self.model.disable_adapter():  # LoRA: the frozen base model is the reference
+            return self._scatter(self.model, batch, chunks)
 
     def update(self, batch: Batch) -> dict:
-        cfg = self.cfg
+        """μ optimizer steps on the step's global batch. Each process trains on its share of the rows (every N-th
+        in length order); each chunk's loss is weighted by its share of the global batch (its completions, or its
+        tokens for the token-level mean) and DDP averages gradients over N, so the loss is scaled by N: the update
+        is the one a single process would make. Every process runs the same number of chunks (a process short
+        of rows runs one with weight 0), as DDP's gradient all-reduce needs."""
+        cfg, acc = self.cfg, self.accelerator
         n = len(batch.completion_ids)
-        chunks = length_sorted_chunks(batch.prompt_ids, batch.completion_ids, cfg.mini_batch_size)
+        chunks = process_chunks(batch.prompt_ids, batch.completion_ids, cfg.mini_batch_size, acc.process_index,
+                                acc.num_processes)
         tokens = [len(c) for c in batch.completion_ids]
         total_tokens = max(1, sum(tokens))
+        real = [rows for rows in chunks if rows]
         old = ref = None
         if cfg.num_iterations > 1 or cfg.beta:
             with torch.no_grad():
                 if cfg.num_iterations > 1:
-                    old = self._scatter(self.policy, batch, chunks)
+                    old = self._scatter(self.model, batch, real)
                 if cfg.beta:
-                    ref = self._reference_logprobs(batch, chunks)
+                    ref = self._reference_logprobs(batch, real)
         totals: dict[str, float] = {}
         self.policy.train()
         for _ in range(cfg.num_iterations):
-            for rows in chunks:
-                logp, mask, entropy, aux = self._forward(self.policy, batch, rows)
-                old_rows = old[rows] if old is not None else logp.detach()
-                loss, m = policy_loss(
-                    logp, old_rows, batch.advantages[rows].to(logp.device), mask, ref_logp=ref[rows] if ref is not None else None,
-                    beta=cfg.beta, epsilon=cfg.epsilon, epsilon_high=cfg.epsilon_high,
-                    aggregation=cfg.loss_aggregation, max_tokens=cfg.max_new_tokens,
-                    sampler_logp=batch.sampler_logprobs[rows].to(logp.device), importance_cap=cfg.importance_cap)
-                # each chunk's share of the batch loss: of its tokens for the token-level mean (chunks hold
-                # completions of similar length, so their token counts differ), of its completions otherwise
-                share = (sum(tokens[i] for i in rows) / total_tokens if cfg.loss_aggregation == "token"
-                         else len(rows) / n)
-                weight = share / cfg.num_iterations
-                balance = aux * len(rows) / n / cfg.num_iterations if aux is not None else 0.0
-                (loss * weight + balance).backward()
+            for k, rows in enumerate(chunks):
+                empty, rows = not rows, rows or [0]  # a padding chunk: row 0 with weight 0
+                # gradients are all-reduced once, after the last chunk
+                sync = contextlib.nullcontext() if k == len(chunks) - 1 else acc.no_sync(self.policy)
+                with sync:
+                    logp, mask, entropy, aux = self._forward(self.policy, batch, rows)
+                    old_rows = old[rows] if old is not None else logp.detach()
+                    loss, m = policy_loss(
+                        logp, old_rows, batch.advantages[rows].to(logp.device), mask,
+                        ref_logp=ref[rows] if ref is not None else None, beta=cfg.beta, epsilon=cfg.epsilon,
+                        epsilon_high=cfg.epsilon_high, aggregation=cfg.loss_aggregation, max_tokens=cfg.max_new_tokens,
+                        sampler_logp=batch.sampler_logprobs[rows].to(logp.device), importance_cap=cfg.importance_cap)
+                    # each chunk's share of the global batch loss: of its tokens for the token-level mean (chunks
+                    # hold completions of similar length, so their token counts differ), of its completions otherwise
+                    share = 0.0 if empty else (sum(tokens[i] for i in rows) / total_tokens
+                                               if cfg.loss_aggregation == "token" else len(rows) / n)
+                    weight = share / cfg.num_iterations
+                    balance = aux * (0 if empty else len(rows)) / n / cfg.num_iterations if aux is not None else 0.0
+                    acc.backward((loss * weight + balance) * acc.num_processes)
                 gap = ((old_rows - batch.sampler_logprobs[rows].to(logp.device)).abs() * mask).sum() / mask.sum()
                 for key, value in {**m, "loss": loss.item(), "entropy": entropy,
                                    "aux_loss": aux.item() if aux is not None else 0.0,
                                    "sampler_logprob_gap": gap.item()}.items():
                     totals[key] = totals.get(key, 0.0) + value * weight
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), cfg.max_grad_norm)
+            grad_norm = acc.clip_grad_norm_(self.policy.parameters(), cfg.max_grad_norm)
             self.optimizer.step()
             self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
             totals["grad_norm"] = grad_norm.item()
+        if acc.num_processes > 1:  # each process summed its chunks' weighted metrics: the global means
+            keys = sorted(k for k in totals if k != "grad_norm")
+            summed = acc.reduce(torch.tensor([totals[k] for k in keys], device=acc.device), "sum")
+            totals.update(zip(keys, summed.tolist()))
         totals["learning_rate"] = self.scheduler.get_last_lr()[0]
         return totals
 
     # -- the stage -----------------------------------------------------------------------------------------------
-    def save(self, generator_state: dict | None = None) -> None:
+    def save(self) -> None:
+        """A resumable checkpoint of the stage (main process; the others wait): weights, optimizer, scheduler, RNG,
+        the prompt stream's position, the reference, and the reward specs (a retrained RM's path)."""
         folder = self.dir / f"checkpoint-{self.step}"
-        self.policy.save_pretrained(folder)
-        torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                    "rng": torch.get_rng_state(), "python_rng": random.getstate()}, folder / "trainer.pt")
-        if self.reference is not None:
-            self.reference.save_pretrained(folder / "reference")
-        (folder / "state.json").write_text(json.dumps({"step": self.step, "prompts": self.source.state(),
-                                                       "rewards": self.cfg.rewards}))
-        for old in self.dir.glob("checkpoint-*"):  # keep the newest complete one
-            if old != folder and (old / "state.json").is_file():
-                shutil.rmtree(old)
+        if self.accelerator.is_main_process:
+            self.model.save_pretrained(folder)
+            torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                        "rng": torch.get_rng_state(), "python_rng": random.getstate()}, folder / "trainer.pt")
+            if self.reference is not None:
+                self.reference.save_pretrained(folder / "reference")
+            (folder / "state.json").write_text(json.dumps({"step": self.step, "prompts": self.source.state(),
+                                                           "rewards": self.cfg.rewards}))
+            for old in self.dir.glob("checkpoint-*"):  # keep the newest complete one
+                if old != folder and (old / "state.json").is_file():
+                    shutil.rmtree(old)
+        self.accelerator.wait_for_everyone()
 
     def restore(self, folder: Path) -> None:
         state = json.loads((folder / "state.json").read_text())
-        if is_peft(self.policy):  # the checkpoint holds the adapter
+        if is_peft(self.model):  # the checkpoint holds the adapter
             from peft import load_peft_weights, set_peft_model_state_dict
 
-            set_peft_model_state_dict(self.policy, load_peft_weights(str(folder)))
+            set_peft_model_state_dict(self.model, load_peft_weights(str(folder)))
         else:  # from_pretrained applies the checkpoint conversion (our stacked experts)
-            self.policy.load_state_dict(type(self.policy).from_pretrained(folder).state_dict())
+            self.model.load_state_dict(type(self.model).from_pretrained(folder).state_dict())
         if self.reference is not None:
             self.reference.load_state_dict(type(self.reference).from_pretrained(folder / "reference").state_dict())
-        saved = torch.load(folder / "trainer.pt", weights_only=False)
+        saved = torch.load(folder / "trainer.pt", weights_only=False, map_location="cpu")
         self.optimizer.load_state_dict(saved["optimizer"])
         self.scheduler.load_state_dict(saved["scheduler"])
         torch.set_rng_state(saved["rng"])
@@ -591,7 +654,9 @@ class StageRunner:
         cfg = self.cfg
         per_iteration = math.ceil(cfg.max_steps / cfg.iterations)
         start = time.perf_counter()
-        bar = tqdm(total=cfg.max_steps, initial=self.step, desc=f"grpo {self.name}", dynamic_ncols=True)
+        main_process = self.accelerator.is_main_process
+        bar = tqdm(total=cfg.max_steps, initial=self.step, desc=f"grpo {self.name}", dynamic_ncols=True,
+                   disable=not main_process)
         history = []
         while self.step < cfg.max_steps:
             t0 = time.perf_counter()
@@ -599,13 +664,13 @@ class StageRunner:
             t1 = time.perf_counter()
             metrics = {**batch.metrics, **self.update(batch)}
             t2 = time.perf_counter()
-            generator.sync(self.policy)
+            generator.sync(self.model)
             metrics["time_training"] = round(t2 - t1, 3)
             metrics["time_sync"] = round(time.perf_counter() - t2, 3)
             metrics["time_step"] = round(time.perf_counter() - t0, 3)
             self.step += 1
             history.append(metrics)
-            if self.step % self.args.logging_steps == 0 or self.step == cfg.max_steps:
+            if main_process and (self.step % self.args.logging_steps == 0 or self.step == cfg.max_steps):
                 record = {"stage": self.name, "step": self.step, "time": round(time.time(), 3),
                           **metrics}
                 with self.metrics_path.open("a") as f:
@@ -614,7 +679,7 @@ class StageRunner:
             bar.set_postfix(reward=f"{metrics['reward']:.3f}", kl=f"{metrics['kl']:.4f}",
                             zero_var=f"{metrics['zero_variance_groups']:.2f}")
             if cfg.iterations > 1 and self.step % per_iteration == 0 and self.step < cfg.max_steps:
-                self.reference = self._frozen_copy(self.policy) if cfg.beta else None  # Alg. 1: π_ref ← π_θ
+                self.reference = self._frozen_copy(self.model) if cfg.beta else None  # Alg. 1: π_ref ← π_θ
                 logger.info("%s: iteration %d done, reference reset to the policy", self.name,
                             self.step // per_iteration)
                 if cfg.retrain_reward_model:  # Alg. 1: the reward model learns from the policy's fresh samples
@@ -701,34 +766,50 @@ def main(argv=None) -> dict:
     stages = stage_configs(args, recipe_path or "command line")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     run_start = time.perf_counter()
+    # one process, or N from `accelerate launch`: each samples and trains on its share of every step; the main
+    # process alone evaluates, writes metrics and saves, while the others wait
+    accelerator = make_accelerator()
+    main_process = accelerator.is_main_process
+    if not main_process:
+        logging.getLogger().setLevel(logging.WARNING)
+    if accelerator.num_processes > 1:
+        for name, cfg in stages.items():
+            if cfg.retrain_reward_model:
+                raise RecipeError(f"{name}.retrain_reward_model: retraining a reward model between iterations runs "
+                                  "in one process only; launch without accelerate or drop retrain_reward_model")
     warn_if_bf16_is_emulated(args.bf16)
     torch.manual_seed(args.seed)
     random.seed(args.seed)
 
     # 2. Run folder, the SFT policy and its tokenizer
     run_dir = Path(args.output_dir)
-    ensure_built(args.data_dir, args.data_recipe, "rl")
-    prepare_run_dir(run_dir, recipe, args.resume, RECIPE_HEADER.format(path=run_dir / "recipe.yaml"))
+    with accelerator.main_process_first():
+        ensure_built(args.data_dir, args.data_recipe, "rl")
+    if main_process:
+        prepare_run_dir(run_dir, recipe, args.resume, RECIPE_HEADER.format(path=run_dir / "recipe.yaml"))
+    accelerator.wait_for_everyone()
     if not Path(args.policy).is_dir():
         raise FileNotFoundError(f"policy {args.policy}: no such checkpoint folder (make sft writes runs/sft/tiny)")
     tokenizer = load_tokenizer(args.policy, args.chat_template_path, args.trust_remote_code)
-    policy = load_causal_lm(args.policy, "float32", args.trust_remote_code, tokenizer)
+    policy = load_causal_lm(args.policy, "float32", args.trust_remote_code, tokenizer).to(accelerator.device)
     safety_rm = find_safety_rm(stages)
 
     # 3. Baseline: the SFT checkpoint, scored as every stage will be
     results_path = run_dir / "eval.json"
     results = json.loads(results_path.read_text()) if results_path.is_file() and args.resume else {}
-    if "sft" not in results.get("eval", {}):
+    if main_process and "sft" not in results.get("eval", {}):
         results.setdefault("eval", {})["sft"] = evaluate(policy, tokenizer, args, safety_rm)
         results_path.write_text(json.dumps(results, indent=2))
-    logger.info("sft: %s", _headline(results["eval"]["sft"]))
+        logger.info("sft: %s", _headline(results["eval"]["sft"]))
+    accelerator.wait_for_everyone()
 
     # 4. Stages in order; a finished stage is loaded, an interrupted one continues from its checkpoint
     generator = None
     for name, cfg in stages.items():
         stage_dir = run_dir / "stages" / name
         if (stage_dir / "final" / "config.json").is_file() and name in results.get("stages", {}):
-            policy = load_causal_lm(stage_dir / "final", "float32", args.trust_remote_code, tokenizer)
+            policy = load_causal_lm(stage_dir / "final", "float32", args.trust_remote_code,
+                                    tokenizer).to(accelerator.device)
             logger.info("%s: already done", name)
             continue
         if args.use_peft:
@@ -736,7 +817,7 @@ def main(argv=None) -> dict:
                 raise RecipeError(f"{name}: iterative RL resets the reference to the policy, but with use_peft the "
                                   "reference is the base model (adapters disabled); set iterations: 1 or use_peft false")
             policy = with_adapters(policy, args)
-        runner = StageRunner(name, cfg, args, policy, tokenizer, run_dir)
+        runner = StageRunner(name, cfg, args, policy, tokenizer, run_dir, accelerator)
         checkpoints = sorted(stage_dir.glob("checkpoint-*/state.json"), key=lambda p: int(p.parent.name[11:]))
         if checkpoints and args.resume:
             runner.restore(checkpoints[-1].parent)
@@ -750,28 +831,34 @@ def main(argv=None) -> dict:
         generator.sync(policy)
         summary = runner.run(generator)
         if is_peft(policy):  # the adapter, then plain merged weights that load anywhere (and feed the next stage)
-            policy.save_pretrained(stage_dir / "adapter")
+            if main_process:
+                policy.save_pretrained(stage_dir / "adapter")
             policy = policy.merge_and_unload()
-        policy.save_pretrained(stage_dir / "final")
-        tokenizer.save_pretrained(stage_dir / "final")
         results.setdefault("stages", {})[name] = summary
-        results["eval"][name] = evaluate(policy, tokenizer, args, safety_rm)
-        results_path.write_text(json.dumps(results, indent=2))
-        logger.info("%s: %s", name, _headline(results["eval"][name]))
+        if main_process:
+            policy.save_pretrained(stage_dir / "final")
+            tokenizer.save_pretrained(stage_dir / "final")
+            results["eval"][name] = evaluate(policy, tokenizer, args, safety_rm)
+            results_path.write_text(json.dumps(results, indent=2))
+            logger.info("%s: %s", name, _headline(results["eval"][name]))
+        accelerator.wait_for_everyone()
 
     # 5. The aligned checkpoint at the top of the run folder, and the reward curve
     policy.generation_config = GenerationConfig.from_model_config(policy.config)
     if (Path(args.policy) / "generation_config.json").is_file():  # the SFT checkpoint's chat defaults
         policy.generation_config = GenerationConfig.from_pretrained(args.policy)
-    policy.save_pretrained(run_dir)
-    tokenizer.save_pretrained(run_dir)
-    from .tracking import read_metrics
-
-    plot_reward_curve(read_metrics(run_dir / "metrics.jsonl"), run_dir / "reward_curve.png",
-                      title=f"GRPO {run_dir.name}")
     results["wall_seconds"] = round(time.perf_counter() - run_start, 1)
-    results_path.write_text(json.dumps(results, indent=2))
-    logger.info("done in %.0f s; results in %s", results["wall_seconds"], results_path)
+    if main_process:
+        from .tracking import read_metrics
+
+        policy.save_pretrained(run_dir)
+        tokenizer.save_pretrained(run_dir)
+        plot_reward_curve(read_metrics(run_dir / "metrics.jsonl"), run_dir / "reward_curve.png",
+                          title=f"GRPO {run_dir.name}")
+        results_path.write_text(json.dumps(results, indent=2))
+        logger.info("done in %.0f s; results in %s", results["wall_seconds"], results_path)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
     return results
 
 

@@ -344,3 +344,67 @@ def test_likelihood_pairs_reports_the_checkpoints_own_preference_per_domain(setu
     result = likelihood_pairs(str(setup / "policy"), str(setup / "data"), "reasoning", eval_examples=10)
     assert result["pairs"] == 10 and set(result["by_domain"]) == {"math"}  # the mini build's pairs are math only
     assert result["accuracy"] == pytest.approx(result["by_domain"]["math"], abs=1e-4)
+
+
+def test_process_chunks_split_every_row_once_and_give_each_process_as_many_chunks():
+    from pipelines.grpo import process_chunks
+
+    prompts = [[0] * (i % 5) for i in range(17)]
+    completions = [[0] * (i % 7 + 1) for i in range(17)]
+    single = process_chunks(prompts, completions, 4)
+    assert sorted(i for c in single for i in c) == list(range(17)) and len(single) == 5
+    lengths = [len(prompts[i]) + len(completions[i]) for c in single for i in c]
+    assert lengths == sorted(lengths)  # similar lengths share a chunk
+    split = [process_chunks(prompts, completions, 4, rank, 2) for rank in (0, 1)]
+    assert len(split[0]) == len(split[1]) == 3  # the same number of passes on each process (DDP's all-reduce)
+    assert split[1][-1] == [] and len(split[0][-1]) == 1  # 9 rows and 8: the short process pads with an empty one
+    assert sorted(i for part in split for c in part for i in c) == list(range(17))
+
+
+def test_a_prompt_seeded_group_does_not_depend_on_the_prompts_sampled_with_it(setup):
+    """Each process samples a share of a step's prompts: a prompt's completions must come from its own seed,
+    whatever else is in the call."""
+    from data_prep.tokenizer import load_tokenizer
+    from modeling import DeepseekV2ForCausalLM
+    from pipelines.generation import HFGenerator, SamplingSettings, prompt_seed
+
+    tokenizer = load_tokenizer(setup / "policy")
+    generator = HFGenerator(DeepseekV2ForCausalLM.from_pretrained(setup / "policy"), tokenizer,
+                            SamplingSettings(max_new_tokens=6))
+    a, b = (tokenizer(t, add_special_tokens=False)["input_ids"] for t in ("What is 2 + 3?", "Add 7 and 9."))
+    both = generator.generate([a, b], 3, seed=[prompt_seed(0, "s", 1, 0, j) for j in (0, 1)])
+    alone = generator.generate([b], 3, seed=[prompt_seed(0, "s", 1, 0, 1)])
+    assert both.completion_ids[3:] == alone.completion_ids and both.prompt_index == [0, 0, 0, 1, 1, 1]
+    assert both.completion_ids[:3] != alone.completion_ids
+
+
+@pytest.mark.slow
+def test_two_processes_make_the_update_one_process_makes(setup):
+    """`accelerate launch --num_processes 2` (DDP over gloo): each process samples half of every step's groups and
+    trains on half of the rows, and the run ends with the weights of a one-process run over the same global batch;
+    dynamic sampling's refill is decided on the gathered groups, so the processes stay in step."""
+    from safetensors.torch import load_file
+
+    lr = ("--reasoning.learning_rate", "1e-3")  # Adam moves every weight by ~lr a step, rounding differences too
+    one = setup / "one-process"
+    launch(setup, "vllm", one, 3, *lr)
+    two = setup / "two-processes"
+    recipe = two.parent / "two-processes.yaml"
+    recipe.write_text(RECIPE.format(policy=setup / "policy", data=setup / "data", out=two, backend="vllm", steps=3))
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               "-m", "pipelines.grpo", str(recipe), *lr]
+    done = subprocess.run(command, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-5000:]
+    a, b = load_file(one / "model.safetensors"), load_file(two / "model.safetensors")
+    base = load_file(setup / "policy" / "model.safetensors")
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-4
+    assert max((a[k] - base[k]).abs().max().item() for k in a) > 1e-3  # and both moved
+    single, double = records(one), records(two)
+    assert [r["step"] for r in double] == [1, 2, 3]  # one line a step: the main process writes
+    for r1, r2 in zip(single, double):
+        assert (r1["num_processes"], r2["num_processes"]) == (1, 2)
+        # the same groups sampled (prompt-seeded), half of them on each process
+        assert r2["reward"] == pytest.approx(r1["reward"]) and r2["sampled_groups"] == r1["sampled_groups"]
+        assert r2["completions_per_process"] < r1["completions_per_process"] == r1["sampled_groups"] * 4
+        assert r2["loss"] == pytest.approx(r1["loss"], rel=1e-3, abs=1e-5)
