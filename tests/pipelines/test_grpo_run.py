@@ -408,3 +408,129 @@ def test_two_processes_make_the_update_one_process_makes(setup):
         assert r2["reward"] == pytest.approx(r1["reward"]) and r2["sampled_groups"] == r1["sampled_groups"]
         assert r2["completions_per_process"] < r1["completions_per_process"] == r1["sampled_groups"] * 4
         assert r2["loss"] == pytest.approx(r1["loss"], rel=1e-3, abs=1e-5)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(folder, port):
+    """``python -m pipelines.vllm_serve`` as a subprocess, returned once GET /health answers."""
+    import time
+    import urllib.request
+
+    log = open(folder.parent / f"server-{port}.log", "w")
+    process = subprocess.Popen([sys.executable, "-m", "pipelines.vllm_serve", "--model", str(folder), "--port",
+                                str(port)], cwd=REPO, env=ENV, stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        assert process.poll() is None, (folder.parent / f"server-{port}.log").read_text()[-3000:]
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as reply:
+                if json.loads(reply.read())["status"] == "ok":
+                    return process
+        except OSError:
+            time.sleep(1)
+    process.kill()
+    raise AssertionError("the vLLM server did not answer /health in 300 s")
+
+
+@pytest.fixture(scope="module")
+def server(setup):
+    port = free_port()
+    process = start_server(setup / "policy", port)
+    yield f"http://127.0.0.1:{port}"
+    process.kill()
+    process.wait()
+
+
+@pytest.mark.slow
+def test_grpo_against_a_vllm_server_pushes_its_weights_after_every_update(setup, server):
+    """The trainer samples from a separate server process over HTTP and pushes the policy after each update: the
+    server's own parameters equal the trained policy's, and sampler and trainer agree on every step's tokens."""
+    from safetensors.torch import load, load_file
+
+    out = setup / "server-run"
+    launch(setup, "vllm_server", out, 3, "--vllm_server_url", server)
+    steps = records(out)
+    assert len(steps) == 3 and max(r["sampler_logprob_gap"] for r in steps) <= 1e-5
+    policy = load_file(out / "model.safetensors")
+    with urllib_get(f"{server}/weights?names={','.join(policy)}") as reply:
+        served = load(reply.read())
+    # the parameters vLLM keeps under the checkpoint's names and shapes (it fuses gate/up, pads the vocabulary)
+    same = [n for n in served if served[n].shape == policy[n].shape]
+    assert "model.layers.1.self_attn.kv_b_proj.weight" in same and len(same) >= 8, sorted(served)
+    base = load_file(setup / "policy" / "model.safetensors")
+    assert all(not torch.equal(policy[n], base[n]) for n in same if "norm" not in n)  # the policy moved ...
+    for name in same:  # ... and the server holds exactly its weights
+        torch.testing.assert_close(served[name], policy[name].float(), rtol=0, atol=0, msg=name)
+
+
+def urllib_get(url):
+    import urllib.request
+
+    return urllib.request.urlopen(url, timeout=60)
+
+
+@pytest.mark.slow
+def test_a_server_for_another_model_is_refused(setup, server):
+    from data_prep.tokenizer import load_tokenizer
+    from modeling import DeepseekV2Config, DeepseekV2ForCausalLM
+
+    other = setup / "one-layer"
+    config = DeepseekV2Config.from_pretrained(setup / "policy")
+    config.num_hidden_layers = 1
+    DeepseekV2ForCausalLM(config).save_pretrained(other)
+    load_tokenizer(setup / "policy").save_pretrained(other)
+    recipe = setup / "other.yaml"
+    recipe.write_text(RECIPE.format(policy=other, data=setup / "data", out=setup / "other-run", backend="vllm_server",
+                                    steps=1))
+    done = subprocess.run([sys.executable, "-m", "pipelines.grpo", str(recipe), "--vllm_server_url", server,
+                           "--eval_math", "0"], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0
+    assert f"the vLLM server at {server} serves {setup / 'policy'}" in done.stderr
+    assert "start it with --model <the policy folder>" in done.stderr
+
+
+@pytest.mark.slow
+def test_a_server_killed_mid_run_stops_the_trainer_with_its_url_and_a_rerun_continues(setup):
+    import time
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    process = start_server(setup / "policy", port)
+    out = setup / "server-killed"
+    recipe = setup / "server-killed.yaml"
+    recipe.write_text(RECIPE.format(policy=setup / "policy", data=setup / "data", out=out, backend="vllm_server",
+                                    steps=12))
+    command = [sys.executable, "-m", "pipelines.grpo", str(recipe), "--vllm_server_url", url, "--save_steps", "2"]
+    trainer = subprocess.Popen(command, cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                               text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and not (out / "stages" / "reasoning" / "checkpoint-2" / "state.json").exists():
+        assert trainer.poll() is None, trainer.stderr.read()[-3000:]
+        time.sleep(0.2)
+    process.kill()
+    process.wait()
+    killed = time.time()
+    try:
+        stderr = trainer.communicate(timeout=90)[1]
+    except subprocess.TimeoutExpired:
+        trainer.kill()
+        raise AssertionError("the trainer hung after its vLLM server died")
+    assert time.time() - killed < 60 and trainer.returncode != 0, "the run finished before the server was killed"
+    assert f"vLLM server {url}" in stderr and "pipelines.vllm_serve" in stderr
+    # a new server, the same command: the run continues from its last checkpoint
+    stopped_at = max(r["step"] for r in records(out))
+    process = start_server(setup / "policy", port)
+    try:
+        run = subprocess.run(command, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
+    finally:
+        process.kill()
+    assert run.returncode == 0, run.stderr[-3000:]
+    steps = [r["step"] for r in records(out)]
+    assert steps[-1] == 12 and len(steps) <= 12 + stopped_at and "continuing from" in run.stderr
