@@ -23,9 +23,17 @@ How it departs from the paper and from TRL:
     scores lowest) plus a replay share (10% by default) of its earlier pairs; the stage then scores with it.
   * The DeepSeekMoE balance loss stays on during RL (the model adds it to its loss whenever it trains).
 
+Processes: under ``accelerate launch`` (DDP; gloo on CPUs) each process samples every N-th prompt group of a step
+(seeded by the prompt, so completions do not depend on the layout), the scored groups are gathered so that every
+process holds the same batch and advantages, and each trains on its share with the loss weighted by the global
+batch: N processes make the update one process makes. FSDP2 / ZeRO-3 sharding is not built (refused).
+
 Launch:
   make grpo                                                  # = python -m pipelines.grpo recipes/grpo/tiny.yaml
   python -m pipelines.grpo recipes/grpo/tiny.yaml --reasoning.max_steps 20 --backend vllm --output_dir runs/grpo/try
+  accelerate launch --multi_gpu --num_processes 2 -m pipelines.grpo recipes/grpo/tiny.yaml   # 2 CPU processes, gloo
+  python -m pipelines.vllm_serve --model runs/sft/tiny --port 8000 &                       # sampling in its own process
+  python -m pipelines.grpo recipes/grpo/tiny.yaml --backend vllm_server --vllm_server_url http://127.0.0.1:8000
 """
 
 from __future__ import annotations
@@ -39,135 +47,30 @@ import math
 import random
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import gather_object
-from datasets import concatenate_datasets, load_from_disk
+from accelerate.utils import DistributedType
 from tqdm.auto import tqdm
 from transformers import GenerationConfig
 
 import rewards
 from data_prep import ensure_built
-from rewards.combine import WeightedSum
 from . import quick_eval
-from .config import RecipeError, coerce, parse_recipe
-from .generation import SamplingSettings, make_generator, prompt_seed
-from .models import (LoraArguments, load_causal_lm, load_sequence_classifier, load_tokenizer,
-                     warn_if_bf16_is_emulated)
-from .grpo_loss import AGGREGATIONS, outcome_advantages, policy_loss, process_advantages
+from .config import RecipeError, parse_recipe
+from .generation import SamplingSettings, make_generator
+from .grpo_config import GRPOArguments, StageConfig, lr_factor, stage_configs
+from .grpo_loss import policy_loss, process_chunks, sequence_logprobs
+from .iterative_rl import retrain_reward_model
+from .models import load_causal_lm, load_tokenizer, warn_if_bf16_is_emulated
+from .rollout import Batch, Rollout, build_reward
 from .run_state import prepare_run_dir
 from .tracking import plot_reward_curve
 
 logger = logging.getLogger("grpo")
-RETRAIN_DEFAULTS = {"replay": 0.1, "learning_rate": 1e-4, "epochs": 1, "batch_size": 16, "simpo_gamma": 0.5}
-BACKENDS = ("hf", "vllm", "vllm_server")
-SCHEDULES = ("constant", "cosine")
 RECIPE_HEADER = "# The resolved recipe of this run. Continue it: python -m pipelines.grpo {path}\n"
-
-
-@dataclass
-class StageConfig:
-    """One GRPO stage. Defaults are DeepSeekMath's where it gives a value (§4.1: lr 1e-6, β 0.04, G 64, μ 1)."""
-
-    prompts: list[str] = field(default_factory=lambda: ["math"])  # datasets under data_dir/rl/
-    rewards: list[dict] = field(default_factory=lambda: [{"name": "math_accuracy", "weight": 1.0}])
-    supervision: str = "outcome"  # outcome | process (needs process_reward_model)
-    process_reward_model: str | None = None  # a process RM folder (make rm) for process supervision
-    max_steps: int = 100
-    learning_rate: float = 1e-6
-    warmup_steps: int = 0
-    lr_scheduler_type: str = "constant"  # constant | cosine (to 0 at max_steps), after the linear warmup
-    num_generations: int = 64  # G
-    prompts_per_step: int = 16
-    temperature: float = 1.0
-    top_p: float = 1.0
-    max_new_tokens: int = 256
-    beta: float = 0.04  # KL coefficient
-    epsilon: float = 0.2
-    epsilon_high: float | None = None  # DAPO clip-higher; None: symmetric
-    num_iterations: int = 1  # μ: policy updates per generation batch
-    loss_aggregation: str = "grpo"  # grpo (per-sequence mean) | token (DAPO) | dr_grpo
-    scale_rewards: bool = True  # divide by the group std (Dr. GRPO: false)
-    dynamic_sampling: bool = True
-    max_sampling_rounds: int = 3
-    mini_batch_size: int = 64  # completions per forward/backward
-    max_grad_norm: float = 1.0
-    iterations: int = 1  # iterative RL: the reference is reset to the policy this many times over the stage
-    # iterative RL, DeepSeekMath Alg. 1: retrain a reward model at the end of each iteration on fresh policy samples.
-    # {label: the reward_model entry of `rewards` to retrain, labels_from: a reward that ranks a group's completions
-    #  (e.g. math_accuracy), replay_from: its earlier pairs (data_dir/preferences/NAME), replay: 0.1,
-    #  learning_rate: 1e-4, epochs: 1, simpo_gamma: 0.5 (an implicit RM, make rm's objective simpo)}
-    retrain_reward_model: dict | None = None
-    importance_cap: float = 2.0  # truncated importance weight for sampler/trainer log-prob gaps
-
-    def check(self, name: str) -> None:
-        if self.supervision not in ("outcome", "process"):
-            raise RecipeError(f"{name}.supervision={self.supervision!r}: expected outcome or process")
-        if self.supervision == "process" and not self.process_reward_model:
-            raise RecipeError(f"{name}: process supervision needs process_reward_model (a folder from make rm)")
-        if self.lr_scheduler_type not in SCHEDULES:
-            raise RecipeError(f"{name}.lr_scheduler_type={self.lr_scheduler_type!r}: expected one of {SCHEDULES}")
-        if self.loss_aggregation not in AGGREGATIONS:
-            raise RecipeError(f"{name}.loss_aggregation={self.loss_aggregation!r}: expected one of {AGGREGATIONS}")
-        if self.num_generations < 2:
-            raise RecipeError(f"{name}.num_generations={self.num_generations}: a group needs at least 2 completions")
-        if self.retrain_reward_model is not None:
-            self.retrain_reward_model = {**RETRAIN_DEFAULTS, **self.retrain_reward_model}
-            r = self.retrain_reward_model
-            where = f"{name}.retrain_reward_model"
-            missing = [k for k in ("label", "labels_from", "replay_from") if not r.get(k)]
-            if missing:
-                raise RecipeError(f"{where}: give {', '.join(missing)}")
-            if self.iterations < 2:
-                raise RecipeError(f"{where}: the reward model is retrained between iterations; set iterations >= 2")
-            if not any(spec.get("name") == "reward_model" and spec.get("label") == r["label"] for spec in self.rewards):
-                raise RecipeError(f"{where}: no reward_model entry of {name}.rewards has label {r['label']!r}")
-            if not 0 <= float(r["replay"]) < 1:
-                raise RecipeError(f"{where}.replay={r['replay']}: a share in [0, 1)")
-        for i, spec in enumerate(self.rewards):
-            if "name" not in spec:
-                raise RecipeError(f"{name}.rewards[{i}]: give the reward's name (one of {rewards.available()})")
-
-
-@dataclass
-class GRPOArguments(LoraArguments):
-    policy: str = field(default="runs/sft/tiny", metadata={"help": "the SFT checkpoint (make sft)"})
-    data_dir: str = field(default="runs/data/tiny", metadata={"help": "a data_prep build with rl/ and heldout/"})
-    data_recipe: str | None = field(default=None, metadata={
-        "help": "data_prep spec, built into data_dir when data_dir has no rl/ yet"})
-    output_dir: str = "runs/grpo/tiny"
-    stages: list[str] = field(default_factory=lambda: ["reasoning", "preference"])
-    reasoning: dict | str | None = field(default=None, metadata={"help": "StageConfig fields of stage 1"})
-    preference: dict | str | None = field(default=None, metadata={"help": "StageConfig fields of stage 2"})
-    backend: str = field(default="hf", metadata={
-        "help": "generation: hf (the policy's generate), vllm (an engine in each trainer process) or vllm_server "
-                "(python -m pipelines.vllm_serve at vllm_server_url; the main process pushes the weights)"})
-    vllm_server_url: str | None = field(default=None, metadata={"help": "e.g. http://127.0.0.1:8000"})
-    trust_remote_code: bool = field(default=False, metadata={
-        "help": "for checkpoints that ship their own modeling code; reaches every loader and vLLM"})
-    chat_template_path: str | None = field(default=None, metadata={
-        "help": "replaces the policy tokenizer's chat template (chatml, deepseek, a .jinja file or the text)"})
-    bf16: bool = field(default=False, metadata={
-        "help": "bf16 autocast for the policy and reference forward/backward (the sampler stays as it is; the "
-                "truncated importance weight corrects the larger sampler/trainer gap)"})
-    seed: int = 0
-    logging_steps: int = 1
-    save_steps: int = 25
-    eval_math: int = 2000
-    eval_safety: int | None = None
-    eval_batch_size: int = 128
-    eval_max_new_tokens: int = 64
-    resume: bool = True
-
-    def __post_init__(self):
-        if self.backend not in BACKENDS:
-            raise RecipeError(f"backend={self.backend!r}: expected one of {BACKENDS}")
-        if self.backend == "vllm_server" and not self.vllm_server_url:
-            raise RecipeError("backend=vllm_server needs vllm_server_url (start the server with python -m "
-                              "pipelines.vllm_serve --model <policy folder> --port <port>)")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -180,161 +83,6 @@ def make_accelerator() -> Accelerator:
     return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision="no")
 
 
-def lr_factor(cfg: StageConfig, step: int) -> float:
-    """The learning-rate multiplier after ``step`` optimizer steps: linear warmup, then constant or a cosine to 0.
-    The SFT checkpoint ends annealed (its own cosine reaches ~0); RL at a constant rate moves it out of that basin,
-    and a decay lets the RL policy settle again before it is saved and evaluated."""
-    warmup = min(1.0, (step + 1) / max(1, cfg.warmup_steps))
-    if cfg.lr_scheduler_type == "cosine":
-        return warmup * 0.5 * (1 + math.cos(math.pi * min(1.0, step / max(1, cfg.max_steps * cfg.num_iterations))))
-    return warmup
-
-
-class OnlyDomains:
-    """A reward applied to the rows of some domains only (None elsewhere: it does not count for them), so that a
-    stage mixing math and safety prompts does not score a refusal with the math checker."""
-
-    def __init__(self, reward, domains: list[str]):
-        self.reward, self.domains = reward, set(domains)
-        self.__name__ = getattr(reward, "__name__", type(reward).__name__)
-
-    def __call__(self, prompts=None, completions=None, domain=None, **columns):
-        if domain is None:
-            raise ValueError(f"reward {self.__name__}: `domains` needs the dataset's `domain` column")
-        values = self.reward(prompts=prompts, completions=completions, domain=domain, **columns)
-        return [v if d in self.domains else None for v, d in zip(values, domain)]
-
-
-def build_reward(specs: list[dict]):
-    """``rewards`` entries ({name, weight, label?, domains?, params...}) -> one WeightedSum (eq. 6)."""
-    parts = {}
-    for spec in specs:
-        spec = dict(spec)
-        name, weight, label = spec.pop("name"), float(spec.pop("weight", 1.0)), spec.pop("label", None)
-        domains = spec.pop("domains", None)
-        reward = rewards.get(name, **spec)
-        parts[label or name] = (OnlyDomains(reward, domains) if domains else reward, weight)
-    return WeightedSum(parts)
-
-
-def sequence_logprobs(model, prompt_ids, completion_ids, temperature: float = 1.0, batch_size: int = 64,
-                      width: int | None = None):
-    """Per-token log-probs of each completion given its prompt (right-padded rows): a (B, T) tensor, grad-enabled
-    when the model is; the (B, T) mask of real completion tokens; the mean token entropy; and the DeepSeekMoE balance
-    loss the model returns when it trains (None otherwise), averaged over the chunks."""
-    rows = [p + c for p, c in zip(prompt_ids, completion_ids)]
-    T = width or max(len(c) for c in completion_ids)
-    out, entropies, aux = [], [], []
-    device = next(model.parameters()).device
-    for start in range(0, len(rows), batch_size):
-        chunk = rows[start:start + batch_size]
-        ids = torch.zeros(len(chunk), max(map(len, chunk)), dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for i, r in enumerate(chunk):
-            ids[i, :len(r)] = torch.tensor(r)
-            mask[i, :len(r)] = 1
-        outputs = model(input_ids=ids.to(device), attention_mask=mask.to(device))
-        if getattr(outputs, "aux_loss", None) is not None:
-            aux.append(outputs.aux_loss)
-        logits = outputs.logits.float() / temperature
-        logp_all = torch.log_softmax(logits[:, :-1], -1)
-        token_logp = logp_all.gather(-1, ids[:, 1:, None].to(device))[..., 0]
-        for i, (p, c) in enumerate(zip(prompt_ids[start:], completion_ids[start:start + len(chunk)])):
-            row = torch.zeros(T, device=device, dtype=token_logp.dtype)
-            row[:len(c)] = token_logp[i, len(p) - 1:len(p) - 1 + len(c)]
-            out.append(row)
-            with torch.no_grad():
-                span = logp_all[i, len(p) - 1:len(p) - 1 + len(c)]
-                entropies.append(-(span.exp() * span).sum(-1).mean())
-    mask = torch.zeros(len(completion_ids), T)
-    for i, c in enumerate(completion_ids):
-        mask[i, :len(c)] = 1
-    balance = torch.stack(aux).mean() if aux else None
-    return torch.stack(out), mask.to(device), torch.stack(entropies).mean().item(), balance
-
-
-def process_chunks(prompt_ids: list[list[int]], completion_ids: list[list[int]], size: int, rank: int = 0,
-                   world: int = 1) -> list[list[int]]:
-    """This process's row indices of the global batch, in chunks of at most ``size``: rows sorted by prompt +
-    completion length (a chunk is padded to its longest row, and completions run from a few to hundreds of tokens,
-    so random chunks spend much of each pass on padding), every ``world``-th of them taken from ``rank`` on. Every
-    process gets the same number of chunks (empty ones where it runs out), and every row is in exactly one
-    process's chunk: the gradient, a sum over chunks and processes, is unchanged."""
-    order = sorted(range(len(completion_ids)), key=lambda i: len(prompt_ids[i]) + len(completion_ids[i]))
-    mine = order[rank::world]
-    count = math.ceil(math.ceil(len(order) / world) / size)
-    return [mine[s * size:(s + 1) * size] for s in range(count)]
-
-
-@dataclass
-class Batch:
-    prompt_ids: list[list[int]]
-    completion_ids: list[list[int]]
-    sampler_logprobs: torch.Tensor
-    advantages: torch.Tensor
-    rewards: list[float]
-    metrics: dict
-
-
-class PromptSource:
-    """Endless shuffled prompts of a stage (resumable: the position is part of the run state)."""
-
-    def __init__(self, data_dir: Path, names: list[str], tokenizer, seed: int):
-        parts = []
-        for name in names:
-            path = data_dir / "rl" / name
-            if not path.exists():
-                raise FileNotFoundError(f"{path}: no RL prompts named {name!r} (make data builds rl/math, rl/code, "
-                                        "rl/preference, rl/general)")
-            parts.append(load_from_disk(str(path)))
-        self.data = concatenate_datasets(parts)
-        texts = [tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=False)
-                 for p in self.data["prompt"]]
-        self.ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
-        self.seed, self.epoch, self.position = seed, 0, 0
-        self._order()
-
-    def _order(self):
-        self.order = list(range(len(self.data)))
-        random.Random(self.seed + self.epoch).shuffle(self.order)
-
-    def take(self, n: int) -> list[int]:
-        picked = []
-        while len(picked) < n:
-            if self.position == len(self.order):
-                self.epoch, self.position = self.epoch + 1, 0
-                self._order()
-            picked.append(self.order[self.position])
-            self.position += 1
-        return picked
-
-    def state(self) -> dict:
-        return {"epoch": self.epoch, "position": self.position}
-
-    def restore(self, state: dict) -> None:
-        self.epoch, self.position = state["epoch"], state["position"]
-        self._order()
-
-
-def step_end_tokens(tokenizer, completion_ids: list[int], n_steps: int) -> list[int]:
-    """Index of the token that ends each of the first ``n_steps`` sentences ("... = 12." steps) of a completion."""
-    ends, text_len, boundaries = [], 0, []
-    text = tokenizer.decode(completion_ids, skip_special_tokens=True)
-    for i, ch in enumerate(text):
-        if ch == "." and (i + 1 == len(text) or text[i + 1].isspace()):
-            boundaries.append(i + 1)
-    boundaries = (boundaries + [len(text)])[:n_steps]
-    b = 0
-    for k in range(1, len(completion_ids) + 1):
-        text_len = len(tokenizer.decode(completion_ids[:k], skip_special_tokens=True))
-        while b < len(boundaries) and text_len >= boundaries[b]:
-            ends.append(k - 1)
-            b += 1
-    while len(ends) < n_steps:
-        ends.append(len(completion_ids) - 1)
-    return ends
-
-
 class StageRunner:
     """Runs one stage: sampling, scoring, advantages, μ updates, metrics, checkpoints."""
 
@@ -344,18 +92,8 @@ class StageRunner:
         self.accelerator = accelerator = accelerator or make_accelerator()
         self.dir = run_dir / "stages" / name
         self.metrics_path = run_dir / "metrics.jsonl"
-        self.source = PromptSource(Path(args.data_dir), cfg.prompts, tokenizer, args.seed)
-        self.reward = build_reward(cfg.rewards)
-        self.process_rm = (rewards.get("process_reward_model", path=cfg.process_reward_model)
-                           if cfg.supervision == "process" else None)
+        self.rollout = Rollout(name, cfg, args.data_dir, tokenizer, args.seed, accelerator)
         self.settings = SamplingSettings(cfg.temperature, cfg.top_p, cfg.max_new_tokens)  # the stage's sampling
-        retrain = cfg.retrain_reward_model
-        # the labels of the reward model's fresh pairs: the stage's own reward of that name when it has one (its
-        # values are already computed), else that reward called on its own
-        self.labels_from = retrain["labels_from"] if retrain else None
-        self.labeller = (rewards.get(self.labels_from) if retrain and self.labels_from not in self.reward.rewards
-                         else None)
-        self.fresh_pairs: list[dict] = []  # this iteration's preference pairs, for the reward model (iterative RL)
         optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=cfg.learning_rate,
                                       betas=(0.9, 0.95), weight_decay=0.0)
         # the scheduler stays ours: accelerate's would step once per process per optimizer step
@@ -375,166 +113,6 @@ class StageRunner:
         for p in ref.parameters():
             p.requires_grad_(False)
         return ref
-
-    # -- sampling and scoring ------------------------------------------------------------------------------------
-    def sample(self, generator) -> Batch:
-        """Prompts for one step, G completions each, scored; with dynamic sampling, groups whose rewards all agree
-        are dropped and refilled. With several processes, each samples and scores every N-th group of a round (its
-        seed is the prompt's, not the process's) and all of them gather every group, so each process holds the
-        same global batch, advantages and metrics as one process would."""
-        cfg, G, acc = self.cfg, self.cfg.num_generations, self.accelerator
-        sampled, kept = [], []  # groups (dicts), in the order one process would sample them
-        t_gen = t_score = 0.0
-        local_completions = 0
-        rounds = cfg.max_sampling_rounds if cfg.dynamic_sampling else 1
-        for round_ in range(rounds):
-            picked = self.source.take(cfg.prompts_per_step - len(kept))
-            mine = list(range(acc.process_index, len(picked), acc.num_processes))
-            start = time.perf_counter()
-            samples = generator.generate(
-                [self.source.ids[picked[j]] for j in mine], G,
-                seed=[prompt_seed(self.args.seed, self.name, self.step, round_, j) for j in mine]) if mine else None
-            t_gen += time.perf_counter() - start
-            start = time.perf_counter()
-            local = self._score(samples, [picked[j] for j in mine], mine) if mine else []
-            t_score += time.perf_counter() - start
-            local_completions += len(mine) * G
-            groups = sorted(gather_object(local) if acc.num_processes > 1 else local, key=lambda g: g["index"])
-            for group in groups:
-                sampled.append(group)
-                if self.labels_from is not None:
-                    self._collect_pairs(group)
-                agree = max(group["rewards"]) - min(group["rewards"]) < 1e-9
-                group["zero_variance"] = agree
-                if agree and cfg.dynamic_sampling and round_ < rounds - 1:
-                    continue  # no signal: refill with fresh prompts
-                kept.append(group)
-            if len(kept) >= cfg.prompts_per_step:
-                break
-        prompts = [self.source.ids[g["prompt_index"]] for g in kept for _ in range(G)]
-        completions = [c for g in kept for c in g["completion_ids"]]
-        T = max(map(len, completions))
-        sampler = torch.zeros(len(completions), T)
-        for i, lp in enumerate(lp for g in kept for lp in g["logprobs"]):
-            sampler[i, :len(lp)] = torch.tensor(lp)
-        kept_rewards = [r for g in kept for r in g["rewards"]]
-        rewards_t = torch.tensor(kept_rewards, dtype=torch.float)
-        if self.process_rm is not None:
-            steps = [s for g in kept for s in g["steps"]]
-            ends = [step_end_tokens(self.tokenizer, c, len(s)) for c, s in zip(completions, steps)]
-            advantages = process_advantages(steps, ends, G, T, scale=cfg.scale_rewards)
-        else:
-            advantages = outcome_advantages(rewards_t, G, scale=cfg.scale_rewards)
-        every = [r for g in sampled for r in g["rewards"]]
-        n_sampled = len(every)
-        metrics = {
-            # reward: over everything sampled (the policy's own); reward_kept: the groups that trained
-            "reward": sum(every) / n_sampled, "reward_kept": rewards_t.mean().item(),
-            "reward_std": rewards_t.view(-1, G).std(1).mean().item(),
-            "zero_variance_groups": sum(g["zero_variance"] for g in sampled) / len(sampled),
-            "sampled_groups": len(sampled),
-            "completion_length": sum(len(c) for g in sampled for c in g["completion_ids"]) / n_sampled,
-            "truncated": sum(t for g in sampled for t in g["truncated"]) / n_sampled,
-            "time_generation": round(t_gen, 3), "time_scoring": round(t_score, 3),
-            "num_processes": acc.num_processes, "completions_per_process": local_completions,
-        }
-        for name in self.reward.rewards:  # each reward's mean where it applies (None: not for that row's domain)
-            applied = [v for g in sampled for v in g["values"][name] if v is not None and not math.isnan(v)]
-            if applied:
-                metrics[f"rewards/{name}/mean"] = sum(applied) / len(applied)
-        if "rewards/math_accuracy/mean" in metrics:
-            metrics["accuracy"] = metrics["rewards/math_accuracy/mean"]
-        return Batch(prompts, completions, sampler, advantages, kept_rewards, metrics)
-
-    def _score(self, samples, prompt_rows: list[int], index: list[int]) -> list[dict]:
-        """This process's groups of a round, scored: one dict per prompt with its G completions, their sampler
-        log-probs, rewards (the weighted sum and each reward's values), process-RM step scores and pair labels."""
-        G = self.cfg.num_generations
-        rows = self.source.data.select([prompt_rows[i] for i in samples.prompt_index])
-        columns = {k: rows[k] for k in rows.column_names if k != "prompt"}
-        scores = self.reward(prompts=rows["prompt"], completions=samples.texts, **columns)
-        values = dict(self.reward.last_values)
-        steps = self.process_rm.step_scores(rows["prompt"], samples.texts) if self.process_rm else None
-        labels = None
-        if self.labels_from is not None:
-            labels = (self.labeller(prompts=rows["prompt"], completions=samples.texts, **columns)
-                      if self.labeller is not None else values[self.labels_from])
-        groups = []
-        for g, (j, row) in enumerate(zip(index, prompt_rows)):
-            block = slice(g * G, (g + 1) * G)
-            groups.append({
-                "index": j, "prompt_index": row, "prompt": rows["prompt"][g * G],
-                "completion_ids": samples.completion_ids[block], "logprobs": samples.logprobs[block],
-                "texts": samples.texts[block], "truncated": samples.truncated[block], "rewards": scores[block],
-                "values": {k: v[block] for k, v in values.items()},
-                "steps": steps[block] if steps is not None else None,
-                "labels": labels[block] if labels is not None else None})
-        return groups
-
-    def _collect_pairs(self, group: dict) -> None:
-        """A group whose labels differ gives a preference pair: (its best completion, its worst). Completions the
-        labelling reward does not apply to (None) are left out."""
-        labels, texts = group["labels"], group["texts"]
-        block = [i for i in range(len(texts)) if labels[i] is not None]
-        if len(block) < 2:
-            return
-        best, worst = max(block, key=lambda i: labels[i]), min(block, key=lambda i: labels[i])
-        if labels[best] > labels[worst]:
-            self.fresh_pairs.append({"prompt": group["prompt"],
-                                     "chosen": [{"role": "assistant", "content": texts[best]}],
-                                     "rejected": [{"role": "assistant", "content": texts[worst]}]})
-
-    def _retrain_reward_model(self, iteration: int) -> dict:
-        """DeepSeekMath Alg. 1: continue training the reward model on this iteration's pairs plus a replay share of
-        its earlier data, save it beside the stage's checkpoints, and score with it from now on."""
-        from datasets import Dataset
-        from transformers import AutoConfig
-        from trl import RewardConfig, RewardTrainer
-
-        from rewards.model import IMPLICIT_REWARD_BETA
-
-        from .reward_model import simpo_trainer
-
-        r = self.cfg.retrain_reward_model
-        spec = next(s for s in self.cfg.rewards if s.get("name") == "reward_model" and s.get("label") == r["label"])
-        columns = ["prompt", "chosen", "rejected"]
-        earlier = load_from_disk(str(Path(self.args.data_dir) / "preferences" / r["replay_from"]))
-        earlier = earlier.select_columns(columns)
-        summary = {"reward_model_retrained": iteration, "fresh_pairs": len(self.fresh_pairs), "replay_pairs": 0}
-        if not self.fresh_pairs:
-            logger.warning("%s: iteration %d gave no pair with differing %s scores; %s not retrained", self.name,
-                           iteration, r["labels_from"], r["label"])
-            return summary
-        fresh = Dataset.from_list(self.fresh_pairs).cast(earlier.features)
-        replay = round(len(fresh) * float(r["replay"]) / (1 - float(r["replay"])))
-        replay_rows = earlier.shuffle(seed=self.args.seed + iteration).select(range(min(replay, len(earlier))))
-        train = concatenate_datasets([fresh, replay_rows]).shuffle(seed=self.args.seed)
-        out = self.dir / f"reward-model-iteration-{iteration}"
-        tokenizer = load_tokenizer(spec["path"], trust_remote_code=self.args.trust_remote_code)
-        config = RewardConfig(output_dir=str(out), learning_rate=float(r["learning_rate"]),
-                              num_train_epochs=float(r["epochs"]), per_device_train_batch_size=int(r["batch_size"]),
-                              save_strategy="no", report_to="none", logging_steps=10, seed=self.args.seed,
-                              use_cpu=not torch.cuda.is_available(), disable_tqdm=True)
-        # the reward model goes on with the objective it was trained with: Bradley-Terry on its score head, or
-        # SimPO's loss for an implicit reward model (make rm's objective: simpo; its beta is in its config)
-        beta = getattr(AutoConfig.from_pretrained(spec["path"]), IMPLICIT_REWARD_BETA, None)
-        if beta is None:
-            model = load_sequence_classifier(spec["path"], "float32", self.args.trust_remote_code, tokenizer)
-            trainer = RewardTrainer(model=model, args=config, train_dataset=train, processing_class=tokenizer)
-        else:
-            lm = load_causal_lm(spec["path"], "float32", self.args.trust_remote_code, tokenizer, what="reward model")
-            trainer = simpo_trainer(lm, config, train, tokenizer,
-                                    beta, float(r["simpo_gamma"]))
-        loss = trainer.train().training_loss
-        trainer.save_model(str(out))
-        tokenizer.save_pretrained(out)
-        spec["path"] = str(out)
-        self.reward = build_reward(self.cfg.rewards)
-        self.fresh_pairs = []
-        summary.update(replay_pairs=len(replay_rows), reward_model_loss=loss, reward_model_path=str(out))
-        logger.info("%s: %s retrained on %d fresh + %d replayed pairs -> %s", self.name, r["label"], len(fresh),
-                    len(replay_rows), out)
-        return summary
 
     # -- the update ----------------------------------------------------------------------------------------------
     def _forward(self, model, batch: Batch, rows):
@@ -628,7 +206,7 @@ class StageRunner:
                         "rng": torch.get_rng_state(), "python_rng": random.getstate()}, folder / "trainer.pt")
             if self.reference is not None:
                 self.reference.save_pretrained(folder / "reference")
-            (folder / "state.json").write_text(json.dumps({"step": self.step, "prompts": self.source.state(),
+            (folder / "state.json").write_text(json.dumps({"step": self.step, "prompts": self.rollout.source.state(),
                                                            "rewards": self.cfg.rewards}))
             for old in self.dir.glob("checkpoint-*"):  # keep the newest complete one
                 if old != folder and (old / "state.json").is_file():
@@ -651,10 +229,10 @@ class StageRunner:
         torch.set_rng_state(saved["rng"])
         random.setstate(saved["python_rng"])
         self.step = state["step"]
-        self.source.restore(state["prompts"])
+        self.rollout.source.restore(state["prompts"])
         if state.get("rewards") and state["rewards"] != self.cfg.rewards:  # a reward model retrained before the stop
             self.cfg.rewards[:] = state["rewards"]
-            self.reward = build_reward(self.cfg.rewards)
+            self.rollout.reward = build_reward(self.cfg.rewards)
 
     def run(self, generator) -> dict:
         cfg = self.cfg
@@ -666,7 +244,7 @@ class StageRunner:
         history = []
         while self.step < cfg.max_steps:
             t0 = time.perf_counter()
-            batch = self.sample(generator)
+            batch = self.rollout.sample(generator, self.step)
             t1 = time.perf_counter()
             metrics = {**batch.metrics, **self.update(batch)}
             t2 = time.perf_counter()
@@ -690,7 +268,7 @@ class StageRunner:
                 logger.info("%s: iteration %d done, reference reset to the policy", self.name,
                             self.step // per_iteration)
                 if cfg.retrain_reward_model:  # Alg. 1: the reward model learns from the policy's fresh samples
-                    summary = self._retrain_reward_model(self.step // per_iteration)
+                    summary = retrain_reward_model(self.rollout, self.args, self.dir, self.step // per_iteration)
                     record = {"stage": self.name, "step": self.step, "time": round(time.time(), 3),
                               "event": "reward_model_retrained", **summary}
                     with self.metrics_path.open("a") as f:
@@ -731,18 +309,6 @@ def evaluate(model, tokenizer, args: GRPOArguments, safety_rm: str | None) -> di
     return result
 
 
-def stage_configs(args: GRPOArguments, where: str) -> dict[str, StageConfig]:
-    out = {}
-    for name in args.stages:
-        overrides = getattr(args, name, None)
-        if overrides is None and name not in ("reasoning", "preference"):
-            raise RecipeError(f"{where}: stage {name!r} has no settings; stages are reasoning and preference")
-        cfg = StageConfig(**coerce(StageConfig, overrides or {}))
-        cfg.check(name)
-        out[name] = cfg
-    return out
-
-
 def is_peft(model) -> bool:
     return hasattr(model, "disable_adapter")
 
@@ -779,6 +345,10 @@ def main(argv=None) -> dict:
     main_process = accelerator.is_main_process
     if not main_process:
         logging.getLogger().setLevel(logging.WARNING)
+    if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        raise RecipeError(f"GRPO under {accelerator.distributed_type.value}: not built yet; each process holds the "
+                          "whole policy under DDP (accelerate launch --multi_gpu, or --config_file "
+                          "recipes/accelerate/ddp.yaml)")
     if accelerator.num_processes > 1:
         for name, cfg in stages.items():
             if cfg.retrain_reward_model:

@@ -7,6 +7,8 @@ Shapes: B completions (prompts × group size G, a prompt's G completions adjacen
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 STD_EPS = 1e-4  # added to the group's std: a group whose rewards all agree gets advantage 0, never 0/0
@@ -110,3 +112,52 @@ def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Te
         metrics = {"kl": ((kl * m).sum() / n).item(), "clip_fraction": ((was_clipped.to(m.dtype) * m).sum() / n).item(),
                    "ratio_mean": ((ratio * m).sum() / n).item()}
     return loss, metrics
+
+
+def sequence_logprobs(model, prompt_ids, completion_ids, temperature: float = 1.0, batch_size: int = 64,
+                      width: int | None = None):
+    """Per-token log-probs of each completion given its prompt (right-padded rows): a (B, T) tensor, grad-enabled
+    when the model is; the (B, T) mask of real completion tokens; the mean token entropy; and the DeepSeekMoE balance
+    loss the model returns when it trains (None otherwise), averaged over the chunks."""
+    rows = [p + c for p, c in zip(prompt_ids, completion_ids)]
+    T = width or max(len(c) for c in completion_ids)
+    out, entropies, aux = [], [], []
+    device = next(model.parameters()).device
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start:start + batch_size]
+        ids = torch.zeros(len(chunk), max(map(len, chunk)), dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, r in enumerate(chunk):
+            ids[i, :len(r)] = torch.tensor(r)
+            mask[i, :len(r)] = 1
+        outputs = model(input_ids=ids.to(device), attention_mask=mask.to(device))
+        if getattr(outputs, "aux_loss", None) is not None:
+            aux.append(outputs.aux_loss)
+        logits = outputs.logits.float() / temperature
+        logp_all = torch.log_softmax(logits[:, :-1], -1)
+        token_logp = logp_all.gather(-1, ids[:, 1:, None].to(device))[..., 0]
+        for i, (p, c) in enumerate(zip(prompt_ids[start:], completion_ids[start:start + len(chunk)])):
+            row = torch.zeros(T, device=device, dtype=token_logp.dtype)
+            row[:len(c)] = token_logp[i, len(p) - 1:len(p) - 1 + len(c)]
+            out.append(row)
+            with torch.no_grad():
+                span = logp_all[i, len(p) - 1:len(p) - 1 + len(c)]
+                entropies.append(-(span.exp() * span).sum(-1).mean())
+    mask = torch.zeros(len(completion_ids), T)
+    for i, c in enumerate(completion_ids):
+        mask[i, :len(c)] = 1
+    balance = torch.stack(aux).mean() if aux else None
+    return torch.stack(out), mask.to(device), torch.stack(entropies).mean().item(), balance
+
+
+def process_chunks(prompt_ids: list[list[int]], completion_ids: list[list[int]], size: int, rank: int = 0,
+                   world: int = 1) -> list[list[int]]:
+    """This process's row indices of the global batch, in chunks of at most ``size``: rows sorted by prompt +
+    completion length (a chunk is padded to its longest row, and completions run from a few to hundreds of tokens,
+    so random chunks spend much of each pass on padding), every ``world``-th of them taken from ``rank`` on. Every
+    process gets the same number of chunks (empty ones where it runs out), and every row is in exactly one
+    process's chunk: the gradient, a sum over chunks and processes, is unchanged."""
+    order = sorted(range(len(completion_ids)), key=lambda i: len(prompt_ids[i]) + len(completion_ids[i]))
+    mine = order[rank::world]
+    count = math.ceil(math.ceil(len(order) / world) / size)
+    return [mine[s * size:(s + 1) * size] for s in range(count)]

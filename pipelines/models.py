@@ -11,7 +11,7 @@ What a foreign checkpoint needs and TRL / verl users expect (verl's ``hf_model.y
     the recipe field that sets one (TRL's ``chat_template_path``: ``chatml``, ``deepseek``, a ``.jinja`` file or
     the template text itself); without a pad token, EOS is used and logged. When pad = EOS (SmolLM2, Llama 3), masks must come
     from positions and lengths, never from ``ids != pad_id``, or the EOS that ends each reply is never trained
-    (TRL #4970); ``data_prep.packing`` and ``grpo.sequence_logprobs`` build theirs that way.
+    (TRL #4970); ``data_prep.packing`` and ``grpo_loss.sequence_logprobs`` build theirs that way.
   * a folder that is not a model, a reward model given where a policy is wanted, and a tokenizer with more tokens
     than the model has embeddings are errors that name the folder and the fix, before anything trains.
 """

@@ -212,7 +212,7 @@ def test_sft_labels_train_the_eos_that_ends_each_reply_when_pad_is_eos(qwen2):
 
 
 def test_grpo_log_probs_cover_the_final_eos_when_pad_is_eos(qwen2):
-    from pipelines.grpo import sequence_logprobs
+    from pipelines.grpo_loss import sequence_logprobs
     from pipelines.models import load_causal_lm, load_tokenizer
 
     tokenizer = load_tokenizer(qwen2)

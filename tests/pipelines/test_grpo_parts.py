@@ -3,7 +3,8 @@
 import pytest
 
 from pipelines.config import RecipeError
-from pipelines.grpo import GRPOArguments, StageConfig, build_reward, lr_factor, stage_configs
+from pipelines.grpo_config import GRPOArguments, StageConfig, lr_factor, stage_configs
+from pipelines.rollout import build_reward
 from tests.conftest import REPO
 
 

@@ -238,7 +238,7 @@ def test_iterative_rl_retrains_the_reward_model_on_fresh_samples_with_replay(set
 
 def test_retraining_settings_are_checked():
     from pipelines.config import RecipeError
-    from pipelines.grpo import StageConfig
+    from pipelines.grpo_config import StageConfig
 
     rm = {"name": "reward_model", "label": "rm", "path": "x"}
     with pytest.raises(RecipeError, match="iterations >= 2"):
@@ -254,7 +254,7 @@ def test_retraining_settings_are_checked():
 
 def test_step_ends_map_sentences_to_the_tokens_that_close_them():
     from data_prep.tokenizer import train_tokenizer
-    from pipelines.grpo import step_end_tokens
+    from pipelines.rollout import step_end_tokens
 
     tokenizer = train_tokenizer(["3 + 4 = 7. 7 * 2 = 14. The answer is 14."] * 20, vocab_size=300)
     ids = tokenizer("3 + 4 = 7. 7 * 2 = 14. The answer is 14.", add_special_tokens=False)["input_ids"]
@@ -290,7 +290,10 @@ def test_mini_batch_size_changes_memory_use_not_the_update(setup, tmp_path, aggr
 
     from data_prep.tokenizer import load_tokenizer
     from modeling import DeepseekV2ForCausalLM
-    from pipelines.grpo import Batch, GRPOArguments, StageConfig, StageRunner, sequence_logprobs
+    from pipelines.grpo import StageRunner
+    from pipelines.grpo_config import GRPOArguments, StageConfig
+    from pipelines.grpo_loss import sequence_logprobs
+    from pipelines.rollout import Batch
 
     tokenizer = load_tokenizer(setup / "policy")
     prompts = load_from_disk(str(setup / "data" / "rl" / "math"))["prompt"][:24]
@@ -347,7 +350,7 @@ def test_likelihood_pairs_reports_the_checkpoints_own_preference_per_domain(setu
 
 
 def test_process_chunks_split_every_row_once_and_give_each_process_as_many_chunks():
-    from pipelines.grpo import process_chunks
+    from pipelines.grpo_loss import process_chunks
 
     prompts = [[0] * (i % 5) for i in range(17)]
     completions = [[0] * (i % 7 + 1) for i in range(17)]

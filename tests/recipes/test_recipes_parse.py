@@ -62,7 +62,7 @@ RM_RECIPES = [p for p in RECIPES if p.parent.name == "rm"]
 @pytest.mark.parametrize("path", GRPO_RECIPES, ids=lambda p: str(p.relative_to(REPO)))
 def test_grpo_recipe_parses(path: Path):
     from pipelines.config import parse_recipe
-    from pipelines.grpo import GRPOArguments, StageConfig, stage_configs
+    from pipelines.grpo_config import GRPOArguments, StageConfig, stage_configs
 
     args, where, _ = parse_recipe((GRPOArguments,), [str(path)],
                                   nested={"reasoning": StageConfig, "preference": StageConfig})
