@@ -50,9 +50,6 @@ class SkipReport:
             lines.append(f"  {count:>7}  {reason}  (e.g. {', '.join(self.examples[reason])})")
         return "\n".join(lines)
 
-    def as_dict(self) -> dict:
-        return {"kept": self.kept, "skipped": dict(self.skipped), "examples": self.examples}
-
 
 def handle(error: DataError, on_error: str, report: SkipReport) -> None:
     if on_error == "raise":

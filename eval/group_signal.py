@@ -18,7 +18,7 @@ from datasets import load_from_disk
 
 import rewards
 
-from .tasks import LEVEL
+from pipelines.quick_eval import LEVEL
 
 
 def group_signal(checkpoint: str, data_dir: str, per_level: int = 80, group: int = 8, temperature: float = 0.6,

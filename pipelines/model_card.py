@@ -70,7 +70,7 @@ def render(path: str | Path, recipe: dict, stages: dict[str, dict], evaluation: 
                       f"| benign look-alikes answered | {_pct(evaluation['safety_benign_answer_rate'])} | "
                       f"{evaluation['safety_benign_n']} |"]
         lines += ["", "Math is scored by `rewards.math.score` (the GRPO reward's checker), refusals by "
-                  "`data_prep.generators.safety.is_refusal`.", ""]
+                  "`rewards.safety.is_refusal`.", ""]
     files = sorted(data_report.get("file_sources", {}))
     lines += ["## Limitations", "",
               (f"Fine-tuned on {', '.join(files)} (see Training data) for a few steps or epochs on whatever budget the "

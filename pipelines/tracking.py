@@ -14,9 +14,6 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
-LOSS_KEYS = ("loss", "aux_loss")
-
-
 class JsonlMetrics(TrainerCallback):
     """Appends every ``Trainer`` log (training steps and the final summary) to ``path``, tagged with the stage.
 

@@ -9,7 +9,7 @@ import pytest
 from data_prep.dedup import normalize
 from data_prep.mixture import Builder, SpecError, check_overlap, load_spec
 from data_prep.generators import generator
-from data_prep.generators.safety import is_refusal
+from rewards.safety import is_refusal
 from rewards.math import score
 from rewards.sandbox import run_many
 

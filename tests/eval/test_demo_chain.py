@@ -129,7 +129,7 @@ def test_the_report_has_every_stage_and_task(chain):
 def test_every_number_is_recomputed_from_the_saved_replies(chain):
     from datasets import load_from_disk
 
-    from data_prep.generators.safety import is_refusal
+    from rewards.safety import is_refusal
     from eval.tasks import pass_at_k
     from rewards.math import score
     from rewards.model import RewardModelScorer

@@ -381,16 +381,25 @@ def test_a_prompt_seeded_group_does_not_depend_on_the_prompts_sampled_with_it(se
     assert both.completion_ids[:3] != alone.completion_ids
 
 
+LR = ("--reasoning.learning_rate", "1e-3")  # Adam moves every weight by ~lr a step, rounding differences too
+
+
+@pytest.fixture(scope="module")
+def one_process(setup):
+    """3 steps with the colocated vLLM engine in one process: what the layouts below must reproduce."""
+    out = setup / "one-process"
+    launch(setup, "vllm", out, 3, *LR)
+    return out
+
+
 @pytest.mark.slow
-def test_two_processes_make_the_update_one_process_makes(setup):
+def test_two_processes_make_the_update_one_process_makes(setup, one_process):
     """`accelerate launch --num_processes 2` (DDP over gloo): each process samples half of every step's groups and
     trains on half of the rows, and the run ends with the weights of a one-process run over the same global batch;
     dynamic sampling's refill is decided on the gathered groups, so the processes stay in step."""
     from safetensors.torch import load_file
 
-    lr = ("--reasoning.learning_rate", "1e-3")  # Adam moves every weight by ~lr a step, rounding differences too
-    one = setup / "one-process"
-    launch(setup, "vllm", one, 3, *lr)
+    lr, one = LR, one_process
     two = setup / "two-processes"
     recipe = two.parent / "two-processes.yaml"
     recipe.write_text(RECIPE.format(policy=setup / "policy", data=setup / "data", out=two, backend="vllm", steps=3))
@@ -443,25 +452,34 @@ def start_server(folder, port):
 
 
 @pytest.fixture(scope="module")
-def server(setup):
+def server_process(setup):
     port = free_port()
     process = start_server(setup / "policy", port)
-    yield f"http://127.0.0.1:{port}"
+    yield process, f"http://127.0.0.1:{port}"
     process.kill()
     process.wait()
 
 
+@pytest.fixture(scope="module")
+def server(server_process):
+    return server_process[1]
+
+
 @pytest.mark.slow
-def test_grpo_against_a_vllm_server_pushes_its_weights_after_every_update(setup, server):
+def test_grpo_against_a_vllm_server_pushes_its_weights_after_every_update(setup, server, one_process):
     """The trainer samples from a separate server process over HTTP and pushes the policy after each update: the
-    server's own parameters equal the trained policy's, and sampler and trainer agree on every step's tokens."""
+    server's own parameters equal the trained policy's, sampler and trainer agree on every step's tokens, and the
+    run ends where the colocated engine's does (the same prompt seeds, the same samples)."""
     from safetensors.torch import load, load_file
 
     out = setup / "server-run"
-    launch(setup, "vllm_server", out, 3, "--vllm_server_url", server)
+    launch(setup, "vllm_server", out, 3, "--vllm_server_url", server, *LR)
     steps = records(out)
     assert len(steps) == 3 and max(r["sampler_logprob_gap"] for r in steps) <= 1e-5
+    assert [r["reward"] for r in steps] == pytest.approx([r["reward"] for r in records(one_process)])
     policy = load_file(out / "model.safetensors")
+    colocated = load_file(one_process / "model.safetensors")
+    assert max((policy[k] - colocated[k]).abs().max().item() for k in policy) <= 1e-4
     with urllib_get(f"{server}/weights?names={','.join(policy)}") as reply:
         served = load(reply.read())
     # the parameters vLLM keeps under the checkpoint's names and shapes (it fuses gate/up, pads the vocabulary)
@@ -500,12 +518,11 @@ def test_a_server_for_another_model_is_refused(setup, server):
 
 
 @pytest.mark.slow
-def test_a_server_killed_mid_run_stops_the_trainer_with_its_url_and_a_rerun_continues(setup):
+def test_a_server_killed_mid_run_stops_the_trainer_with_its_url_and_a_rerun_continues(setup, server_process):
     import time
 
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    process = start_server(setup / "policy", port)
+    process, url = server_process
+    port = int(url.rsplit(":", 1)[1])
     out = setup / "server-killed"
     recipe = setup / "server-killed.yaml"
     recipe.write_text(RECIPE.format(policy=setup / "policy", data=setup / "data", out=out, backend="vllm_server",
