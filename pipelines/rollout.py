@@ -210,6 +210,7 @@ class Rollout:
         G = self.cfg.num_generations
         rows = self.source.data.select([prompt_rows[i] for i in samples.prompt_index])
         columns = {k: rows[k] for k in rows.column_names if k != "prompt"}
+        columns["completion_ids"] = samples.completion_ids  # TRL's reward contract: token-level rewards need them
         scores = self.reward(prompts=rows["prompt"], completions=samples.texts, **columns)
         values = dict(self.reward.last_values)
         steps = self.process_rm.step_scores(rows["prompt"], samples.texts) if self.process_rm else None

@@ -554,3 +554,15 @@ def test_a_server_killed_mid_run_stops_the_trainer_with_its_url_and_a_rerun_cont
     assert run.returncode == 0, run.stderr[-3000:]
     steps = [r["step"] for r in records(out)]
     assert steps[-1] == 12 and len(steps) <= 12 + stopped_at and "continuing from" in run.stderr
+
+
+def test_rewards_get_the_completion_token_ids(setup):
+    """TRL's reward contract passes ``completion_ids``; DAPO's overlong penalty counts tokens with them (8 sampled
+    tokens against a limit of 6: every completion that runs to the budget is penalised)."""
+    out = setup / "length-penalty"
+    launch(setup, "hf", out, 1, "--eval_math", "0", "--reasoning.rewards",
+           '[{name: "tests.pipelines.grpo_toy_reward:has_digit", weight: 1.0}, '
+           '{name: length_penalty, max_length: 6, cache_length: 2, weight: 1.0}]')
+    (step,) = records(out)
+    assert step["rewards/length_penalty/mean"] < 0
+    assert step["truncated"] > 0
