@@ -37,7 +37,7 @@ class StageConfig:
     epsilon: float = 0.2
     epsilon_high: float | None = None  # DAPO clip-higher; None: symmetric
     num_iterations: int = 1  # μ: policy updates per generation batch
-    loss_aggregation: str = "grpo"  # grpo (per-sequence mean) | token (DAPO) | dr_grpo
+    loss_aggregation: str = "grpo"  # grpo (per-sequence mean) | token (DAPO) | dr_grpo | gspo (sequence ratio)
     scale_rewards: bool = True  # divide by the group std (Dr. GRPO: false)
     dynamic_sampling: bool = True
     max_sampling_rounds: int = 3

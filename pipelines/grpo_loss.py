@@ -12,7 +12,7 @@ import math
 import torch
 
 STD_EPS = 1e-4  # added to the group's std: a group whose rewards all agree gets advantage 0, never 0/0
-AGGREGATIONS = ("grpo", "token", "dr_grpo")
+AGGREGATIONS = ("grpo", "token", "dr_grpo", "gspo")
 
 
 def _groups(values: torch.Tensor, group_size: int) -> torch.Tensor:
@@ -74,7 +74,7 @@ def aggregate(per_token: torch.Tensor, mask: torch.Tensor, how: str, max_tokens:
     all tokens of the batch (DAPO); ``dr_grpo``: sum over tokens divided by B × the generation budget (Dr. GRPO),
     so neither long nor short completions are favoured by the normaliser."""
     mask = mask.to(per_token.dtype)
-    if how == "grpo":
+    if how in ("grpo", "gspo"):
         return ((per_token * mask).sum(1) / mask.sum(1).clamp(min=1)).mean()
     if how == "token":
         return (per_token * mask).sum() / mask.sum().clamp(min=1)
@@ -93,10 +93,19 @@ def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Te
     ``epsilon_high`` (DAPO's clip-higher) widens the upper bound only. ``sampler_logp``: the log-probs of the
     engine that sampled the tokens; where it differs from the trainer's ``old_logp`` (bf16, other kernels) each
     token is reweighted by min(π_old/π_sampler, ``importance_cap``) (truncated importance sampling). Returns the
-    loss and detached metrics (clip fraction, KL, ratio)."""
+    loss and detached metrics (clip fraction, KL, ratio).
+
+    ``aggregation="gspo"`` (GSPO, Zheng et al. 2025): one importance ratio per sequence, the geometric mean of its
+    tokens' ratios, clipped as a whole (GSPO's ε are far smaller: ~3e-4 / 4e-4), in its token form
+    s_i·π_θ(y_t)/sg[π_θ(y_t)] so that per-token (process) advantages still apply; per-sequence mean."""
     if advantages.dim() == 1:
         advantages = advantages[:, None]
-    ratio = torch.exp(logp - old_logp)
+    if aggregation == "gspo":
+        m = mask.to(logp.dtype)
+        sequence = ((logp - old_logp) * m).sum(1, keepdim=True) / m.sum(1, keepdim=True).clamp(min=1)
+        ratio = torch.exp(sequence.detach() + logp - logp.detach())
+    else:
+        ratio = torch.exp(logp - old_logp)
     clipped = ratio.clamp(1 - epsilon, 1 + (epsilon_high if epsilon_high is not None else epsilon))
     per_token = -torch.min(ratio * advantages, clipped * advantages)
     if sampler_logp is not None:

@@ -107,3 +107,25 @@ def test_gradient_pushes_up_positive_advantage_tokens():
     loss, _ = policy_loss(logp, logp.detach(), torch.tensor([1.0, -1.0]), torch.ones(2, 2))
     loss.backward()
     assert (logp.grad[0] < 0).all() and (logp.grad[1] > 0).all()  # descent raises row 0, lowers row 1
+
+
+def test_gspo_clips_the_sequence_as_a_whole():
+    """GSPO: one ratio per sequence, the geometric mean of its tokens' (here √1.5 ≈ 1.225 from token ratios 1.5 and
+    1.0), clipped at 1 + ε for both tokens, so neither gets a gradient; the token-level objective clips only the
+    first token and still pushes the second."""
+    old = torch.tensor([[-1.0, -1.0]])
+    mask, adv = torch.ones(1, 2), torch.tensor([1.0])
+    losses, grads = {}, {}
+    for how in ("gspo", "grpo"):
+        logp = (old + torch.tensor([[math.log(1.5), 0.0]])).requires_grad_(True)
+        loss, m = policy_loss(logp, old, adv, mask, epsilon=0.2, aggregation=how)
+        loss.backward()
+        losses[how], grads[how] = loss.item(), logp.grad[0].tolist()
+    assert losses["gspo"] == pytest.approx(-1.2) and grads["gspo"] == [0.0, 0.0]
+    assert losses["grpo"] == pytest.approx(-(1.2 + 1.0) / 2) and grads["grpo"] == pytest.approx([0.0, -0.5])
+    # unclipped (ε large), the sequence ratio's gradient is s_i · Â / |y| on every token
+    logp = (old + torch.tensor([[math.log(1.5), 0.0]])).requires_grad_(True)
+    loss, _ = policy_loss(logp, old, adv, mask, epsilon=10.0, aggregation="gspo")
+    loss.backward()
+    assert loss.item() == pytest.approx(-math.sqrt(1.5))
+    assert logp.grad[0].tolist() == pytest.approx([-math.sqrt(1.5) / 2] * 2)
