@@ -37,13 +37,13 @@ from pathlib import Path
 
 from datasets import Dataset, load_from_disk
 from transformers import TrainingArguments, set_seed
-from trl import RewardConfig, RewardTrainer, TrlParser
+from trl import RewardConfig, RewardTrainer
 
 from data_prep import ensure_built
 from modeling import DeepseekV2ForCausalLM, DeepseekV2ForSequenceClassification, load_model_config
 from rewards.model import RewardModelScorer
 
-from .config import coerce
+from .config import coerce, parse_recipe
 from .models import LoraArguments, load_causal_lm, load_sequence_classifier, load_tokenizer, warn_if_bf16_is_emulated
 from .score_head_trainer import (
     PositionCollator,
@@ -239,7 +239,7 @@ def train_process_rm(args, config, tokenizer) -> dict:
 
 def main(argv=None):
     # 1. recipe + overrides, seed, logging
-    args, config = TrlParser((RewardModelArguments, RewardConfig)).parse_args_and_config(argv)
+    args, config, _, _ = parse_recipe((RewardModelArguments, RewardConfig), argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     warn_if_bf16_is_emulated(config.bf16)
     set_seed(config.seed)

@@ -77,14 +77,27 @@ def test_grpo_recipe_parses(path: Path):
 
 @pytest.mark.parametrize("path", RM_RECIPES, ids=lambda p: str(p.relative_to(REPO)))
 def test_rm_recipe_parses(path: Path, tmp_path):
-    from trl import RewardConfig, TrlParser
+    from trl import RewardConfig
 
+    from pipelines.config import parse_recipe
     from pipelines.reward_model import RewardModelArguments
 
     (tmp_path / "preferences").mkdir()  # the arguments check that the data were built; a fresh clone has none
-    args, config = TrlParser((RewardModelArguments, RewardConfig)).parse_args_and_config(
-        ["--config", str(path), "--use_cpu", "true", "--data_dir", str(tmp_path)])
+    args, config, _, _ = parse_recipe((RewardModelArguments, RewardConfig),
+                                      ["--config", str(path), "--use_cpu", "true", "--data_dir", str(tmp_path)])
     assert args.reward_models and config.output_dir
+
+
+def test_an_unknown_key_in_an_rm_recipe_names_the_file_line_and_closest_key(tmp_path):
+    """The reward-model pipeline reads its recipe as SFT and GRPO do (it used TRL's parser alone, which names
+    neither the file nor the line)."""
+    from pipelines.config import RecipeError
+    from pipelines.reward_model import main
+
+    recipe = tmp_path / "rm.yaml"
+    recipe.write_text("reward_models: [safety]\nlearning_rat: 1.0e-4\n")
+    with pytest.raises(RecipeError, match=r"rm.yaml:2: unknown key .learning_rat.; did you mean .learning_rate."):
+        main(["--config", str(recipe)])
 
 
 EVAL_RECIPES = [p for p in RECIPES if p.parent.name == "eval"]
