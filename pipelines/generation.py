@@ -49,6 +49,16 @@ def prompt_seed(*key) -> int:
     return random.Random("/".join(map(str, key))).getrandbits(31)
 
 
+def request_seeds(seed: int | list[int] | None, n_prompts: int) -> list[int | None]:
+    """One vLLM request seed per prompt: the given list, or drawn from one seed for the call. vLLM seeds the n
+    samples of a request seed, seed + 1, ..., seed + n - 1: one seed for every prompt would give sample j of each
+    prompt the same random stream (a batch of correlated samples), so each prompt draws its own."""
+    if isinstance(seed, list):
+        return seed
+    rng = random.Random(seed)
+    return [None if seed is None else rng.getrandbits(31) for _ in range(n_prompts)]
+
+
 def merged_state_dict(model) -> dict:
     """The weights a checkpoint of ``model`` would hold: for a peft model, its LoRA adapters merged in, under the
     base model's names (what vLLM loads); any other model's own state dict."""
@@ -181,14 +191,7 @@ class VLLMGenerator:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
-        s = self.settings
-        # vLLM seeds the n samples of a request seed, seed + 1, ..., seed + n - 1: one seed for every prompt would give
-        # sample j of each prompt the same random stream (a batch of correlated samples), so each prompt draws its own
-        if isinstance(seed, list):
-            seeds = seed
-        else:
-            rng = random.Random(seed)
-            seeds = [None if seed is None else rng.getrandbits(31) for _ in prompts]
+        s, seeds = self.settings, request_seeds(seed, len(prompts))
 
         def params(prompt_seed: int | None) -> SamplingParams:
             return SamplingParams(n=n, temperature=s.temperature, top_p=s.top_p, max_tokens=s.max_new_tokens,
@@ -281,12 +284,7 @@ class VLLMServerGenerator:
         self._request("POST", "/update_weights", save(weights), kind="application/octet-stream")
 
     def generate(self, prompts: list[list[int]], n: int, seed: int | list[int] | None = None) -> Samples:
-        s = self.settings
-        if isinstance(seed, list):
-            seeds = seed
-        else:
-            rng = random.Random(seed)
-            seeds = [None if seed is None else rng.getrandbits(31) for _ in prompts]
+        s, seeds = self.settings, request_seeds(seed, len(prompts))
         request = {"prompts": prompts, "n": n, "seeds": seeds, "temperature": s.temperature, "top_p": s.top_p,
                    "max_tokens": s.max_new_tokens, "stop": s.stop}
         reply = json.loads(self._request("POST", "/generate", json.dumps(request).encode(),
