@@ -324,10 +324,11 @@ def with_adapters(model, args: GRPOArguments):
     return model
 
 
-def find_safety_rm(stages: dict[str, StageConfig]) -> str | None:
+def find_safety_rm(stages: dict[str, StageConfig], label: str | None) -> str | None:
+    """The path of the reward_model entry labelled ``label`` (the recipe's ``eval_safety_rm``), in any stage."""
     for cfg in stages.values():
         for spec in cfg.rewards:
-            if spec.get("name") == "reward_model" and "safety" in str(spec.get("label", spec.get("path", ""))):
+            if label and spec.get("name") == "reward_model" and spec.get("label") == label:
                 return spec["path"]
     return None
 
@@ -369,7 +370,7 @@ def main(argv=None) -> dict:
         raise FileNotFoundError(f"policy {args.policy}: no such checkpoint folder (make sft writes runs/sft/tiny)")
     tokenizer = load_tokenizer(args.policy, args.chat_template_path, args.trust_remote_code)
     policy = load_causal_lm(args.policy, "float32", args.trust_remote_code, tokenizer).to(accelerator.device)
-    safety_rm = find_safety_rm(stages)
+    safety_rm = find_safety_rm(stages, args.eval_safety_rm)
 
     # 3. Baseline: the SFT checkpoint, scored as every stage will be
     results_path = run_dir / "eval.json"

@@ -106,6 +106,9 @@ class GRPOArguments(LoraArguments):
     save_steps: int = 25
     eval_math: int = 2000
     eval_safety: int | None = None
+    eval_safety_rm: str | None = field(default="rm_safety", metadata={
+        "help": "label of the reward_model entry whose mean score of the greedy replies to held-out harmful prompts "
+                "the checks report (none in the stages: not scored)"})
     eval_batch_size: int = 128
     eval_max_new_tokens: int = 64
     resume: bool = True

@@ -75,3 +75,15 @@ def test_an_unknown_stage_key_names_the_file_and_line(tmp_path):
     with pytest.raises(RecipeError, match="command line --reasoning.max_step: unknown key"):
         parse_recipe((GRPOArguments,), [str(REPO / "recipes/grpo/tiny.yaml"), "--reasoning.max_step", "7"],
                      nested={"reasoning": StageConfig, "preference": StageConfig})
+
+
+def test_the_safety_rm_of_the_checks_is_named_by_label():
+    """The reward model whose score of held-out harmful replies the checks report is the one labelled
+    ``eval_safety_rm`` (it was the first whose label or path contained "safety")."""
+    from pipelines.grpo import find_safety_rm
+
+    stages = {"preference": StageConfig(rewards=[
+        {"name": "reward_model", "label": "safety_helpfulness_mix", "path": "runs/rm/helpful"},
+        {"name": "reward_model", "label": "harmless", "path": "runs/rm/safety"}])}
+    assert find_safety_rm(stages, "harmless") == "runs/rm/safety"
+    assert find_safety_rm(stages, "rm_safety") is None and find_safety_rm(stages, None) is None
