@@ -142,3 +142,12 @@ def stage_configs(args: GRPOArguments, where: str) -> dict[str, StageConfig]:
         cfg.check(name)
         out[name] = cfg
     return out
+
+
+def find_safety_rm(stages: dict[str, StageConfig], label: str | None) -> str | None:
+    """The path of the reward_model entry labelled ``label`` (the recipe's ``eval_safety_rm``), in any stage."""
+    for cfg in stages.values():
+        for spec in cfg.rewards:
+            if label and spec.get("name") == "reward_model" and spec.get("label") == label:
+                return spec["path"]
+    return None

@@ -1,5 +1,9 @@
-"""Iterative RL (DeepSeekMath Alg. 1), between a stage's iterations: the reward model learns from the policy's fresh
-samples. ``grpo.py`` resets the reference to the policy and calls ``retrain_reward_model`` at each iteration's end."""
+"""Iterative RL (DeepSeekMath Alg. 1): ``iterations > 1`` splits a stage's steps into iterations; at the end of each
+``grpo.py`` resets the reference to the current policy and, with ``retrain_reward_model``, one of the stage's reward
+models is trained further (TRL's ``RewardTrainer``, or SimPO's loss for an implicit RM, from its current weights) on
+preference pairs from the iteration's own samples (within a group, the completion a verifiable reward scores highest
+against the one it scores lowest; ``rollout.py`` collects them) plus a replay share (10% by default) of its earlier
+pairs; the stage then scores with it."""
 
 from __future__ import annotations
 

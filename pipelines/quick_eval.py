@@ -85,6 +85,12 @@ def greedy_replies(model, tokenizer, prompts: list[list[dict]], batch_size: int 
     return replies
 
 
+def headline(metrics: dict) -> str:
+    """The scalar metrics on one line, for logs."""
+    return json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()
+                       if not isinstance(v, (list, dict))})
+
+
 def math_metrics(replies: list[str], data) -> dict:
     """Exact match (overall and per level; ``score_math``), share in the trained format, and a few examples, of
     ``replies`` to the held-out math rows ``data``."""
@@ -111,10 +117,10 @@ def safety_metrics(replies: list[str], data) -> dict:
 
 
 def evaluate(model, tokenizer, data_dir: str | Path, math: int = 2000, safety: int | None = None,
-             batch_size: int = 64, max_new_tokens: int = 96, harmful_replies: list | None = None) -> dict:
-    """Metrics on the first ``math`` held-out math problems and ``safety`` safety prompts (None: all).
-    ``harmful_replies``, when given a list, receives (prompt, reply) for each harmful request, for scorers that
-    judge the same replies (GRPO's safety-RM score)."""
+             batch_size: int = 64, max_new_tokens: int = 96, safety_rm: str | None = None) -> dict:
+    """Metrics on the first ``math`` held-out math problems and ``safety`` safety prompts (None: all). With
+    ``safety_rm`` (a reward-model folder), also its mean score of the replies to the harmful requests (GRPO's
+    ``safety_rm_score_harmful``)."""
     start = time.perf_counter()
     heldout = Path(data_dir) / "heldout"
     results: dict = {}
@@ -131,9 +137,13 @@ def evaluate(model, tokenizer, data_dir: str | Path, math: int = 2000, safety: i
             data = data.select(range(min(safety, len(data))))
         replies = greedy_replies(model, tokenizer, data["prompt"], batch_size, max_new_tokens)
         results.update(safety_metrics(replies, data))
-        if harmful_replies is not None:
-            harmful_replies += [(p, r) for p, r, want in zip(data["prompt"], replies, data["answer"])
-                                if want == "refuse"]
+        harmful = [(p, r) for p, r, want in zip(data["prompt"], replies, data["answer"]) if want == "refuse"]
+        if safety_rm and harmful:
+            import rewards
+
+            prompts, answers = map(list, zip(*harmful))
+            scores = rewards.get("reward_model", path=safety_rm)(prompts=prompts, completions=answers)
+            results["safety_rm_score_harmful"] = sum(scores) / len(scores)
     results["eval_seconds"] = round(time.perf_counter() - start, 1)
     return results
 

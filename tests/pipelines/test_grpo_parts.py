@@ -80,7 +80,7 @@ def test_an_unknown_stage_key_names_the_file_and_line(tmp_path):
 def test_the_safety_rm_of_the_checks_is_named_by_label():
     """The reward model whose score of held-out harmful replies the checks report is the one labelled
     ``eval_safety_rm`` (it was the first whose label or path contained "safety")."""
-    from pipelines.grpo import find_safety_rm
+    from pipelines.grpo_config import find_safety_rm
 
     stages = {"preference": StageConfig(rewards=[
         {"name": "reward_model", "label": "safety_helpfulness_mix", "path": "runs/rm/helpful"},

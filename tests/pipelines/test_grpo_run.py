@@ -290,8 +290,8 @@ def test_mini_batch_size_changes_memory_use_not_the_update(setup, tmp_path, aggr
 
     from data_prep.tokenizer import load_tokenizer
     from modeling import DeepseekV2ForCausalLM
-    from pipelines.grpo import StageRunner
-    from pipelines.grpo_config import GRPOArguments, StageConfig
+    from pipelines.grpo_trainer import PolicyTrainer
+    from pipelines.grpo_config import StageConfig
     from pipelines.grpo_loss import sequence_logprobs
     from pipelines.rollout import Batch
 
@@ -312,12 +312,10 @@ def test_mini_batch_size_changes_memory_use_not_the_update(setup, tmp_path, aggr
         cfg = StageConfig(rewards=[{"name": "tests.pipelines.grpo_toy_reward:has_digit"}], num_generations=4,
                           loss_aggregation=aggregation, mini_batch_size=mini_batch_size, max_new_tokens=24,
                           beta=0.04, max_grad_norm=1e9)
-        runner = StageRunner("reasoning", cfg, GRPOArguments(policy=str(setup / "policy"),
-                                                             data_dir=str(setup / "data")),
-                             model, tokenizer, tmp_path)
-        runner.optimizer = torch.optim.SGD(model.parameters(), lr=1.0)  # the parameter change is the gradient
-        runner.scheduler = torch.optim.lr_scheduler.LambdaLR(runner.optimizer, lambda step: 1.0)
-        metrics = runner.update(batch)
+        trainer = PolicyTrainer(cfg, model)
+        trainer.optimizer = torch.optim.SGD(model.parameters(), lr=1.0)  # the parameter change is the gradient
+        trainer.scheduler = torch.optim.lr_scheduler.LambdaLR(trainer.optimizer, lambda step: 1.0)
+        metrics = trainer.update(batch)
         return {k: v.clone() for k, v in model.state_dict().items()}, metrics
 
     whole, m_whole = updated(24)
@@ -332,13 +330,26 @@ def test_mini_batch_size_changes_memory_use_not_the_update(setup, tmp_path, aggr
 def test_group_signal_splits_each_level_into_groups_that_agree_and_groups_that_do_not(setup):
     from eval.group_signal import group_signal
 
+    from datasets import load_from_disk
+
+    from pipelines.quick_eval import LEVEL
+
+    # a reward of 1, 0, 1, 0, ... along the sampled completions: every group of 3 has signal, none is all right
+    # or all wrong, and each level's pass rate is the share of even positions in its slice
     result = group_signal(str(setup / "policy"), str(setup / "data"), per_level=4, group=3, max_new_tokens=6,
-                          reward="tests.pipelines.grpo_toy_reward:has_digit", backend="hf")
-    assert result and all(level.startswith("L") for level in result)
-    for m in result.values():
-        assert 1 <= m["problems"] <= 4
-        assert m["signal"] + m["all_right"] + m["all_wrong"] == pytest.approx(1.0, abs=2e-3)
-        assert 0 <= m["pass_rate"] <= 1
+                          reward="tests.pipelines.grpo_toy_reward:alternating", backend="hf")
+    counts = {}
+    for row_id in load_from_disk(str(setup / "data" / "heldout" / "math"))["id"]:
+        level = f"L{LEVEL.search(row_id).group(1)}"
+        counts[level] = min(4, counts.get(level, 0) + 1)
+    start = 0
+    for level in sorted(counts):
+        n = counts[level] * 3
+        expected = sum((start + j) % 2 == 0 for j in range(n)) / n
+        assert result[level] == {"problems": counts[level], "signal": 1.0, "all_right": 0.0, "all_wrong": 0.0,
+                                 "pass_rate": round(expected, 3)}, level
+        start += n
+    assert list(result) == sorted(counts)
 
 
 def test_likelihood_pairs_reports_the_checkpoints_own_preference_per_domain(setup):
@@ -566,3 +577,34 @@ def test_rewards_get_the_completion_token_ids(setup):
     (step,) = records(out)
     assert step["rewards/length_penalty/mean"] < 0
     assert step["truncated"] > 0
+
+
+@pytest.mark.slow
+def test_a_killed_two_process_run_resumes_to_the_weights_one_process_reaches(setup, one_process):
+    """2 processes, killed after their step-2 checkpoint, launched again with the same command: the run continues
+    at step 3 (the main process saved, both restore) and ends where the uninterrupted one-process run does."""
+    import os
+    import signal
+    import time
+
+    from safetensors.torch import load_file
+
+    out = setup / "two-killed"
+    recipe = setup / "two-killed.yaml"
+    recipe.write_text(RECIPE.format(policy=setup / "policy", data=setup / "data", out=out, backend="vllm", steps=3))
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               "-m", "pipelines.grpo", str(recipe), *LR, "--save_steps", "1"]
+    process = subprocess.Popen(command, cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               start_new_session=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and not (out / "stages" / "reasoning" / "checkpoint-2" / "state.json").exists():
+        time.sleep(0.1)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    assert not (out / "stages" / "reasoning" / "final").exists(), "the run finished before it could be killed"
+    done = subprocess.run(command, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-5000:]
+    assert "continuing from" in done.stderr and [r["step"] for r in records(out)][-1] == 3
+    a, b = load_file(one_process / "model.safetensors"), load_file(out / "model.safetensors")
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-4

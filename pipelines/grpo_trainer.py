@@ -1,0 +1,195 @@
+"""GRPO's policy update: the policy (prepared by accelerate: DDP over N processes), its optimizer and schedule, the
+frozen reference, the μ clipped-objective steps on a rollout's batch (``grpo_loss.py``), and their checkpoint.
+
+With N processes each trains on every N-th row of the global batch in length order, each chunk weighted by its
+share of the global batch, so the update is the one a single process makes (``update``)."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import functools
+import logging
+import random
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DistributedType
+
+from .config import RecipeError
+from .grpo_config import GRPOArguments, StageConfig, lr_factor
+from .grpo_loss import policy_loss, process_chunks, sequence_logprobs
+from .rollout import Batch
+
+logger = logging.getLogger("grpo")
+
+
+def make_accelerator() -> Accelerator:
+    """One process, or one of those ``accelerate launch`` started (DDP; gloo on CPUs). Mixed precision stays off
+    here: the recipe's ``bf16`` turns on autocast in the training passes, the one switch for it."""
+    return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision="no")
+
+
+def check_launch(accelerator: Accelerator, stages: dict[str, StageConfig], use_peft: bool = False) -> None:
+    """What GRPO cannot do under this launch or with LoRA, as errors that say what to do instead."""
+    if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        raise RecipeError(f"GRPO under {accelerator.distributed_type.value}: not built yet; each process holds the "
+                          "whole policy under DDP (accelerate launch --multi_gpu, or --config_file "
+                          "recipes/accelerate/ddp.yaml)")
+    for name, cfg in stages.items():
+        if accelerator.num_processes > 1 and cfg.retrain_reward_model:
+            raise RecipeError(f"{name}.retrain_reward_model: retraining a reward model between iterations runs in "
+                              "one process only; launch without accelerate or drop retrain_reward_model")
+        if use_peft and cfg.iterations > 1:
+            raise RecipeError(f"{name}: iterative RL resets the reference to the policy, but with use_peft the "
+                              "reference is the base model (adapters disabled); set iterations: 1 or use_peft false")
+
+
+def is_peft(model) -> bool:
+    return hasattr(model, "disable_adapter")
+
+
+def with_adapters(model, args: GRPOArguments):
+    """The policy with fresh LoRA adapters (peft), the base weights frozen."""
+    from peft import get_peft_model
+
+    model = get_peft_model(model, args.lora_config("CAUSAL_LM"))
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    logger.info("LoRA r=%d: %d trainable parameters of %d", args.lora_r, trainable,
+                sum(p.numel() for p in model.parameters()))
+    return model
+
+
+class PolicyTrainer:
+    """``policy``: what trains (DDP-wrapped with several processes); ``model``: the module itself, for no-grad
+    passes, sampling, syncs and saves; ``reference``: a frozen copy (none with β = 0; with LoRA the policy with its
+    adapters disabled, no second copy)."""
+
+    def __init__(self, cfg: StageConfig, policy, accelerator: Accelerator | None = None, bf16: bool = False):
+        self.cfg, self.bf16 = cfg, bf16
+        self.accelerator = accelerator = accelerator or make_accelerator()
+        optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=cfg.learning_rate,
+                                      betas=(0.9, 0.95), weight_decay=0.0)
+        # the scheduler stays ours: accelerate's would step once per process per optimizer step
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, functools.partial(lr_factor, cfg))
+        self.policy, self.optimizer = accelerator.prepare(policy, optimizer)
+        self.model = accelerator.unwrap_model(self.policy)
+        self.reference = None
+        self.reset_reference()
+
+    def reset_reference(self) -> None:
+        """π_ref ← π_θ (at the start, and between iterations of iterative RL)."""
+        if self.cfg.beta and not is_peft(self.model):
+            self.reference = self._frozen_copy(self.model)
+
+    @staticmethod
+    def _frozen_copy(model):
+        ref = copy.deepcopy(model).eval()
+        for p in ref.parameters():
+            p.requires_grad_(False)
+        return ref
+
+    # -- the update ----------------------------------------------------------------------------------------------
+    def _forward(self, model, batch: Batch, rows):
+        ids_p = [batch.prompt_ids[i] for i in rows]
+        ids_c = [batch.completion_ids[i] for i in rows]
+        device = next(model.parameters()).device
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            return sequence_logprobs(model, ids_p, ids_c, self.cfg.temperature, batch_size=len(rows),
+                                     width=batch.sampler_logprobs.shape[1])
+
+    def _scatter(self, model, batch: Batch, chunks: list[list[int]]) -> torch.Tensor:
+        """Per-token log-probs of the chunks' completions under ``model`` (no grad), rows in the batch's order."""
+        out = torch.zeros_like(batch.sampler_logprobs)
+        for rows in chunks:
+            out[rows] = self._forward(model, batch, rows)[0].to(out.device)
+        return out
+
+    def _reference_logprobs(self, batch: Batch, chunks: list[list[int]]) -> torch.Tensor:
+        if self.reference is not None:
+            return self._scatter(self.reference, batch, chunks)
+        with self.model.disable_adapter():  # LoRA: the frozen base model is the reference
+            return self._scatter(self.model, batch, chunks)
+
+    def update(self, batch: Batch) -> dict:
+        """μ optimizer steps on the step's global batch. Each process trains on its share of the rows (every N-th
+        in length order); each chunk's loss is weighted by its share of the global batch (its completions, or its
+        tokens for the token-level mean) and DDP averages gradients over N, so the loss is scaled by N: the update
+        is the one a single process would make. Every process runs the same number of chunks (a process short
+        of rows runs one with weight 0), as DDP's gradient all-reduce needs."""
+        cfg, acc = self.cfg, self.accelerator
+        n = len(batch.completion_ids)
+        chunks = process_chunks(batch.prompt_ids, batch.completion_ids, cfg.mini_batch_size, acc.process_index,
+                                acc.num_processes)
+        tokens = [len(c) for c in batch.completion_ids]
+        total_tokens = max(1, sum(tokens))
+        real = [rows for rows in chunks if rows]
+        old = ref = None
+        if cfg.num_iterations > 1 or cfg.beta:
+            with torch.no_grad():
+                if cfg.num_iterations > 1:
+                    old = self._scatter(self.model, batch, real)
+                if cfg.beta:
+                    ref = self._reference_logprobs(batch, real)
+        totals: dict[str, float] = {}
+        self.policy.train()
+        for _ in range(cfg.num_iterations):
+            for k, rows in enumerate(chunks):
+                empty, rows = not rows, rows or [0]  # a padding chunk: row 0 with weight 0
+                # gradients are all-reduced once, after the last chunk
+                sync = contextlib.nullcontext() if k == len(chunks) - 1 else acc.no_sync(self.policy)
+                with sync:
+                    logp, mask, entropy, aux = self._forward(self.policy, batch, rows)
+                    old_rows = old[rows] if old is not None else logp.detach()
+                    loss, m = policy_loss(
+                        logp, old_rows, batch.advantages[rows].to(logp.device), mask,
+                        ref_logp=ref[rows] if ref is not None else None, beta=cfg.beta, epsilon=cfg.epsilon,
+                        epsilon_high=cfg.epsilon_high, aggregation=cfg.loss_aggregation, max_tokens=cfg.max_new_tokens,
+                        sampler_logp=batch.sampler_logprobs[rows].to(logp.device), importance_cap=cfg.importance_cap)
+                    # each chunk's share of the global batch loss: of its tokens for the token-level mean (chunks
+                    # hold completions of similar length, so their token counts differ), of its completions otherwise
+                    share = 0.0 if empty else (sum(tokens[i] for i in rows) / total_tokens
+                                               if cfg.loss_aggregation == "token" else len(rows) / n)
+                    weight = share / cfg.num_iterations
+                    balance = aux * (0 if empty else len(rows)) / n / cfg.num_iterations if aux is not None else 0.0
+                    acc.backward((loss * weight + balance) * acc.num_processes)
+                gap = ((old_rows - batch.sampler_logprobs[rows].to(logp.device)).abs() * mask).sum() / mask.sum()
+                for key, value in {**m, "loss": loss.item(), "entropy": entropy,
+                                   "aux_loss": aux.item() if aux is not None else 0.0,
+                                   "sampler_logprob_gap": gap.item()}.items():
+                    totals[key] = totals.get(key, 0.0) + value * weight
+            grad_norm = acc.clip_grad_norm_(self.policy.parameters(), cfg.max_grad_norm)
+            self.optimizer.step()
+            self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            totals["grad_norm"] = grad_norm.item()
+        if acc.num_processes > 1:  # each process summed its chunks' weighted metrics: the global means
+            keys = sorted(k for k in totals if k != "grad_norm")
+            summed = acc.reduce(torch.tensor([totals[k] for k in keys], device=acc.device), "sum")
+            totals.update(zip(keys, summed.tolist()))
+        totals["learning_rate"] = self.scheduler.get_last_lr()[0]
+        return totals
+
+    def save(self, folder: Path) -> None:
+        """Weights (the adapter with LoRA), optimizer, scheduler, RNG and the reference into ``folder``."""
+        self.model.save_pretrained(folder)
+        torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                    "rng": torch.get_rng_state(), "python_rng": random.getstate()}, folder / "trainer.pt")
+        if self.reference is not None:
+            self.reference.save_pretrained(folder / "reference")
+
+    def load(self, folder: Path) -> None:
+        if is_peft(self.model):  # the checkpoint holds the adapter
+            from peft import load_peft_weights, set_peft_model_state_dict
+
+            set_peft_model_state_dict(self.model, load_peft_weights(str(folder)))
+        else:  # from_pretrained applies the checkpoint conversion (our stacked experts)
+            self.model.load_state_dict(type(self.model).from_pretrained(folder).state_dict())
+        if self.reference is not None:
+            self.reference.load_state_dict(type(self.reference).from_pretrained(folder / "reference").state_dict())
+        saved = torch.load(folder / "trainer.pt", weights_only=False, map_location="cpu")
+        self.optimizer.load_state_dict(saved["optimizer"])
+        self.scheduler.load_state_dict(saved["scheduler"])
+        torch.set_rng_state(saved["rng"])
+        random.setstate(saved["python_rng"])
