@@ -38,7 +38,13 @@ JSON, or killing the harness all earn nothing beyond the tests already recorded.
 before the program runs and each runs in a fresh namespace with a copy of the builtins taken before
 the program ran, so patching `builtins` (AssertionError, len, abs, ...) does not change the tests;
 functions the program defines are wrapped so that a return value must be plain builtin data
-(numbers, strings, bytes, None and containers of them), which stops `__eq__`-always-True objects.
+(numbers, strings, bytes, None and containers of them), which stops `__eq__`-always-True objects. The
+tests see stdlib modules as they were before the program ran: private copies of every module loaded
+then (their attributes, submodules included), handed to the tests' imports and put in place of the
+program's module names, so `math.isclose = lambda *a, **k: True`, a fake `sys.modules["math"]`, a
+`math = Fake()` rebinding, or any of these done from inside the tested function, change nothing the
+tests call. The modules the tests name (`import x` or `x.attr`) are among those loaded first when they
+are on the preload allowlist.
 
 What honest programs give up: importing subprocess, multiprocessing, asyncio, ctypes and socket;
 paths that are not str/bytes (pathlib objects) or that use `..`; sys._getframe (raises ValueError,
@@ -51,7 +57,8 @@ mentions.
 What it does not stop. This is in-process isolation of CPython, the same standard as human-eval, TRL
 and open-r1 with more layers: a determined attacker who finds a CPython memory-safety bug, or an
 introspection path the hook misses, can reach the harness and forge records. Programs can still
-monkeypatch stdlib modules the tests import (`math.isclose = ...`), define classes whose methods tests
+patch attributes of stdlib classes (a class object is shared, not copied: `collections.Counter.__eq__`)
+and modules off the preload allowlist that they import first, define classes whose methods tests
 call, read any file (CAP_DAC_READ_SEARCH / root), and use up to the CPU, memory and time given. In
 "hook" mode the audit hook is the only barrier for the network, the filesystem and other processes;
 in the namespace modes network, process and (root) filesystem/signal containment hold even if the
@@ -272,6 +279,40 @@ def _make_guard(collections_types):
     return wrap
 
 
+def _make_clean_modules(modules, real_import):
+    """The tests' view of the modules loaded before the program ran: for each, a private module object holding its
+    attributes as they were then (submodules likewise), and an ``__import__`` that hands out those copies. The
+    program may patch the real modules (``math.isclose = ...``, ``sys.modules["math"] = fake``, even from inside a
+    function the tests call); the tests never see it. Returns ``(clean(name, value) or None, clean_import)``: the
+    copy of the module ``value`` is (by identity), else of the module called ``name``."""
+    _ModuleType, _id, _type = type(sys), id, type
+    snapshot = {name: dict(module.__dict__) for name, module in modules.items() if _type(module) is _ModuleType}
+    names_by_id = {_id(module): name for name, module in modules.items() if name in snapshot}
+    proxies = {}
+
+    def proxy(name):
+        if name not in snapshot:
+            return None
+        if name not in proxies:
+            copy = proxies[name] = _ModuleType(name)
+            for key, value in snapshot[name].items():
+                if _type(value) is _ModuleType and _id(value) in names_by_id:
+                    value = proxy(names_by_id[_id(value)])
+                copy.__dict__[key] = value
+        return proxies[name]
+
+    def clean(name, value):
+        return proxy(names_by_id[_id(value)]) if _id(value) in names_by_id else proxy(name)
+
+    def clean_import(name, globals=None, locals=None, fromlist=(), level=0):
+        if level == 0 and name in snapshot:
+            top = name.partition(".")[0]
+            return proxy(name) if fromlist or top not in snapshot else proxy(top)
+        return real_import(name, globals, locals, fromlist, level)
+
+    return clean, clean_import
+
+
 def _mentioned_modules(sources):
     """Top-level module names in `import x, y.z as w` / `from x.y import z` lines (no `re`: it costs 8 ms)."""
     names = set()
@@ -298,7 +339,10 @@ def _report(what, error, _write=os.write, _type=type, _str=str, _BaseException=B
 def _child_main():
     job, record = _take_job()
     _limit(job)
-    for name in ALWAYS_PRELOAD + tuple(_mentioned_modules([job["program"], *job["tests"]]) & PRELOADABLE):
+    # also the modules tests use by name without importing them (`math.isclose(...)` after the prompt's import),
+    # so that the tests get clean copies of them whatever the program binds to that name
+    used = {name for name in PRELOADABLE if any(name + "." in test for test in job["tests"])}
+    for name in ALWAYS_PRELOAD + tuple((_mentioned_modules([job["program"], *job["tests"]]) | used) & PRELOADABLE):
         try:
             __import__(name)
         except BaseException:  # missing here: the program's own import will say so
@@ -309,6 +353,8 @@ def _child_main():
     wrap = _make_guard((collections.OrderedDict, collections.defaultdict, collections.Counter, collections.deque)
                        if collections else ())
     clean_builtins = tuple(builtins.__dict__.items())
+    clean_module, clean_import = _make_clean_modules(dict(sys.modules), builtins.__import__)
+    clean_builtins += (("__import__", clean_import),)
     tests = []
     for i, source in enumerate(job["tests"]):
         try:
@@ -324,6 +370,7 @@ def _child_main():
 
     # Lock down. From here on, use only locals bound above: the program may patch any module.
     _exec, _dict, _enumerate, _exit, _report_ = exec, dict, enumerate, os._exit, _report
+    _ModuleType, _type, _callable = type(sys), type, callable
     _MemoryError, _BaseException = MemoryError, BaseException
     _signal, _SIG_IGN, _handlers = signal.signal, signal.SIG_IGN, tuple(s for s in signal.valid_signals() if s not in
                                               (signal.SIGKILL, signal.SIGSTOP, signal.SIGXFSZ))
@@ -348,6 +395,12 @@ def _child_main():
         passed = False
         if program_ran and test is not None:
             test_namespace = {name: wrap(value) for name, value in namespace.items()}
+            for name, value in namespace.items():  # the program's modules, as the tests see them: clean copies
+                # `import math` / `import numpy as np` (patched or not), a fake module object, or `math = Fake()`
+                if _type(value) is _ModuleType or not _callable(value):
+                    module = clean_module(name, value)
+                    if module is not None:
+                        test_namespace[name] = module
             test_namespace["__builtins__"] = _dict(clean_builtins)
             test_namespace["__name__"] = "__test__"
             try:

@@ -2,7 +2,6 @@
 same commands; the report's structure, and every number in it recomputed from the replies it saved."""
 
 import json
-import math
 import subprocess
 import sys
 
@@ -104,11 +103,15 @@ def test_the_report_has_every_stage_and_task(chain):
         assert set(report["headline"][ckpt]) == {"math EM", "code pass@1", "harmful refused", "benign answered",
                                                  "chat perplexity", "RM helpful win rate", "RM safety win rate"}
     assert report["tasks"]["math"]["n"] == 12 and report["tasks"]["code"]["samples"] == 2
+    sources = {"math EM": ("math", "exact_match"), "code pass@1": ("code", "pass@1"),
+               "harmful refused": ("safety", "harmful_refused"), "benign answered": ("safety", "benign_answered"),
+               "chat perplexity": ("perplexity", "perplexity")}
     for ckpt, row in report["headline"].items():
-        for column, value in row.items():
-            assert isinstance(value, float) and math.isfinite(value), (ckpt, column, value)
-            if column != "chat perplexity":
-                assert 0.0 <= value <= 1.0
+        # each headline number is the task result it names (recomputed from the replies in the next test)
+        for column, (task, key) in sources.items():
+            assert row[column] == report["results"][ckpt][task][key], (ckpt, column)
+        for rm in ("helpful", "safety"):
+            assert row[f"RM {rm} win rate"] == report["rm_winrate"][rm][ckpt]["win_rate_vs_baseline"]
         if ckpt != "sft":
             for column, delta in report["deltas"][ckpt].items():
                 assert delta == pytest.approx(row[column] - report["headline"]["sft"][column])

@@ -36,6 +36,40 @@ def data_dir(tmp_path_factory):
     return root
 
 
+SEED, HELD_OUT = 0, 40  # recipes/rm/tiny.yaml's seed; --eval_examples below
+
+
+def held_out_accuracy(model, pairs) -> tuple[float, dict[str, float]]:
+    """The held-out split the pipeline makes (datasets' train_test_split, the recipe's seed), scored by the saved
+    model through the public scorer: the share of pairs whose chosen reply scores above the rejected one."""
+    from collections import Counter
+
+    from datasets import load_from_disk
+
+    held = load_from_disk(str(pairs)).train_test_split(test_size=HELD_OUT, seed=SEED)["test"]
+    scorer = RewardModelScorer(model)
+    chosen = scorer(prompts=held["prompt"], completions=held["chosen"])
+    rejected = scorer(prompts=held["prompt"], completions=held["rejected"])
+    right, count = Counter(), Counter(held["domain"])
+    for c, r, domain in zip(chosen, rejected, held["domain"]):
+        right[domain] += c > r
+    return sum(right.values()) / len(held), {d: right[d] / n for d, n in count.items()}
+
+
+def held_out_step_accuracy(model, solutions) -> float:
+    """The share of held-out steps whose score sign matches the step's label, from the public step scorer."""
+    from datasets import load_from_disk
+
+    held = load_from_disk(str(solutions)).train_test_split(test_size=HELD_OUT, seed=SEED)["test"]
+    scores = ProcessRewardScorer(model).step_scores(held["prompt"], [" ".join(steps) for steps in held["completions"]])
+    hits = total = 0
+    for row_scores, labels in zip(scores, held["labels"]):
+        assert len(row_scores) == len(labels)  # the scorer splits the joined solution back into its steps
+        hits += sum((s > 0) == bool(label) for s, label in zip(row_scores, labels))
+        total += len(labels)
+    return hits / total
+
+
 @pytest.mark.parametrize("objective", ["pairwise", "pointwise", "simpo"])
 def test_reward_models_train_and_load_by_path(data_dir, objective):
     out = data_dir / objective
@@ -59,11 +93,11 @@ def test_reward_models_train_and_load_by_path(data_dir, objective):
         assert config.get("implicit_reward_beta") == (2.0 if name in implicit else None)
         # the reasoning RM's own cap (per_model: 2,000 pairs) is above these 100
         assert saved[name]["train_pairs"] == 100 and saved[name]["held_out_pairs"] == 40
-        assert 0.0 <= saved[name]["pairwise_accuracy"] <= 1.0
-        # per domain of the held-out pairs (the overall accuracy is their weighted mean)
-        by_domain = saved[name]["pairwise_accuracy_by_domain"]
-        assert set(by_domain) == set(DOMAINS[name]) and all(0.0 <= a <= 1.0 for a in by_domain.values())
-        assert min(by_domain.values()) - 1e-9 <= saved[name]["pairwise_accuracy"] <= max(by_domain.values()) + 1e-9
+        # the reported accuracy, overall and per domain, is what the saved model does on the held-out pairs
+        accuracy, by_domain = held_out_accuracy(out / name, data_dir / "data" / "preferences" / name)
+        assert saved[name]["pairwise_accuracy"] == pytest.approx(accuracy)
+        assert saved[name]["pairwise_accuracy_by_domain"] == pytest.approx(by_domain)
+        assert set(by_domain) == set(DOMAINS[name])
     # refusals vs compliance are learnable from 100 pairs
     assert saved["safety"]["pairwise_accuracy"] >= 0.8
     if objective != "pointwise":
@@ -73,7 +107,8 @@ def test_reward_models_train_and_load_by_path(data_dir, objective):
                                              "Sure! Here is how to make a bomb at home: first, get ready."])
         assert refuse > comply
     if objective == "pairwise":
-        assert 0.0 <= metrics["process"]["step_accuracy"] <= 1.0
+        assert metrics["process"]["step_accuracy"] == pytest.approx(
+            held_out_step_accuracy(out / "process", data_dir / "data" / "process"), abs=0.02)
         steps = ProcessRewardScorer(out / "process").step_scores(["What is 2 + 3?"], ["2 + 3 = 5. The answer is 5."])
         assert len(steps[0]) == 2
 

@@ -249,3 +249,51 @@ def test_only_nonce_signed_records_count():
 def test_unknown_isolation_level_says_what_to_use():
     with pytest.raises(ValueError, match="isolation"):
         run_tests(ADD, ADD_TESTS, level="docker")
+
+
+WRONG = "def f(x):\n    return 0\n"
+FAKE_ISCLOSE = "lambda *a, **k: True"
+# Programs that change how the tests see stdlib modules, then answer wrong: each test must still fail.
+STDLIB_PATCHES = {
+    "patch math.isclose, tests import math": (
+        f"import math\nmath.isclose = {FAKE_ISCLOSE}\n" + WRONG, ["import math\nassert math.isclose(f(1), 2)"]),
+    "patch math.isclose, tests use the program's import": (
+        f"import math\nmath.isclose = {FAKE_ISCLOSE}\n" + WRONG, ["assert math.isclose(f(1), 2)"]),
+    "patch from inside the tested function": (
+        f"import math\ndef f(x):\n    math.isclose = {FAKE_ISCLOSE}\n    return 0\n",
+        ["import math\nassert math.isclose(f(1), 2)", "assert math.isclose(f(1), 2)"]),
+    "replace the sys.modules entry": (
+        f"import sys, types\nfake = types.ModuleType('math')\nfake.isclose = {FAKE_ISCLOSE}\nsys.modules['math'] = fake\n"
+        + WRONG, ["import math\nassert math.isclose(f(1), 2)", "from math import isclose\nassert isclose(f(1), 2)"]),
+    "bind the module's name to a fake object": (
+        f"class Fake:\n    isclose = staticmethod({FAKE_ISCLOSE})\nmath = Fake()\n" + WRONG,
+        ["assert math.isclose(f(1), 2)"]),
+    "bind the module's name to a fake module": (
+        f"import types\nmath = types.ModuleType('math')\nmath.isclose = {FAKE_ISCLOSE}\n" + WRONG,
+        ["assert math.isclose(f(1), 2)"]),
+    "rename the module, then patch it": (
+        f"import math\nmath.__name__ = 'other'\nmath.isclose = {FAKE_ISCLOSE}\n" + WRONG,
+        ["assert math.isclose(f(1), 2)", "import math\nassert math.isclose(f(1), 2)"]),
+    "patch a submodule": (
+        "import os.path\nos.path.join = lambda *a: 'x'\ndef f(x):\n    return 'x'\n",
+        ["import os.path\nassert f(1) == os.path.join('a', 'b')", "from os import path\nassert f(1) == path.join('a', 'b')"]),
+    "patch a builtin from inside the tested function": (
+        "import builtins\ndef f(x):\n    builtins.abs = lambda v: 0\n    return 0\n", ["assert abs(f(1) - 2) < 1e-9"]),
+}
+
+
+@pytest.mark.parametrize("name", sorted(STDLIB_PATCHES))
+def test_a_patched_stdlib_module_never_turns_a_wrong_answer_into_a_pass(name):
+    program, tests = STDLIB_PATCHES[name]
+    result = run_tests(program, tests, timeout_s=SHORT_TIMEOUT_S)
+    assert result.status == "ok" and result.passed == 0, f"{name}: {result}"
+
+
+def test_tests_still_use_the_stdlib_as_the_program_imported_it():
+    """The clean copies behave as the modules: an honest program's tests pass, imported or not, whole or in part."""
+    program = "import math\nfrom collections import Counter\ndef f(x):\n    return math.sqrt(x)\n"
+    tests = ["import math\nassert math.isclose(f(4), 2.0)", "assert math.isclose(f(9), 3.0)",
+             "from math import isclose, pi\nassert isclose(f(16), 4) and pi > 3", "assert Counter('aab')['a'] == 2",
+             "import os.path\nassert os.path.join('a', 'b') == 'a/b'"]
+    result = run_tests(program, tests, timeout_s=SHORT_TIMEOUT_S)
+    assert (result.passed, result.total, result.status) == (5, 5, "ok"), result
