@@ -583,10 +583,9 @@ def test_rewards_get_the_completion_token_ids(setup):
 def test_a_killed_two_process_run_resumes_to_the_weights_one_process_reaches(setup, one_process):
     """2 processes, killed after their step-2 checkpoint, launched again with the same command: the run continues
     at step 3 (the main process saved, both restore) and ends where the uninterrupted one-process run does."""
-    import os
-    import signal
     import time
 
+    import psutil
     from safetensors.torch import load_file
 
     out = setup / "two-killed"
@@ -595,13 +594,17 @@ def test_a_killed_two_process_run_resumes_to_the_weights_one_process_reaches(set
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
                "-m", "pipelines.grpo", str(recipe), *LR, "--save_steps", "1"]
-    process = subprocess.Popen(command, cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                               start_new_session=True)
+    process = subprocess.Popen(command, cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     while time.time() < deadline and not (out / "stages" / "reasoning" / "checkpoint-2" / "state.json").exists():
         time.sleep(0.1)
-    os.killpg(process.pid, signal.SIGKILL)
+    # the launcher and its workers (torchrun starts them in sessions of their own: killing the launcher's group alone
+    # leaves them running)
+    for child in [*psutil.Process(process.pid).children(recursive=True), psutil.Process(process.pid)]:
+        child.kill()
     process.wait()
+    psutil.wait_procs(psutil.Process().children(recursive=True), timeout=0)
+    time.sleep(1)
     assert not (out / "stages" / "reasoning" / "final").exists(), "the run finished before it could be killed"
     done = subprocess.run(command, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-5000:]

@@ -96,7 +96,7 @@ def test_reward_models_train_and_load_by_path(data_dir, objective):
         # the reported accuracy, overall and per domain, is what the saved model does on the held-out pairs
         accuracy, by_domain = held_out_accuracy(out / name, data_dir / "data" / "preferences" / name)
         assert saved[name]["pairwise_accuracy"] == pytest.approx(accuracy)
-        assert saved[name]["pairwise_accuracy_by_domain"] == pytest.approx(by_domain)
+        assert saved[name]["pairwise_accuracy_by_domain"] == pytest.approx(by_domain, abs=1e-4)  # saved rounded
         assert set(by_domain) == set(DOMAINS[name])
     # refusals vs compliance are learnable from 100 pairs
     assert saved["safety"]["pairwise_accuracy"] >= 0.8
