@@ -240,7 +240,6 @@ def main(argv=None) -> dict:
         results_path.write_text(json.dumps(results, indent=2))
         logger.info("done in %.0f s; results in %s", results["wall_seconds"], results_path)
     accelerator.wait_for_everyone()
-    accelerator.end_training()
     return results
 
 
