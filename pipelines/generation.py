@@ -188,20 +188,23 @@ class VLLMGenerator:
 
     def generate(self, prompts: list[list[int]], n: int, seed: int | list[int] | None = None) -> Samples:
         """``n`` samples per prompt; ``seed``: one for the call, or one per prompt (see ``prompt_seed``)."""
-        from vllm import SamplingParams
-        from vllm.inputs import TokensPrompt
+        per_prompt = vllm_sample(self.llm, prompts, n, request_seeds(seed, len(prompts)), self.settings)
+        return to_samples(self.tokenizer, self.settings, per_prompt)
 
-        s, seeds = self.settings, request_seeds(seed, len(prompts))
 
-        def params(prompt_seed: int | None) -> SamplingParams:
-            return SamplingParams(n=n, temperature=s.temperature, top_p=s.top_p, max_tokens=s.max_new_tokens,
-                                  stop=s.stop or None, include_stop_str_in_output=True, logprobs=0, seed=prompt_seed,
-                                  detokenize=False)
+def vllm_sample(llm, prompts: list[list[int]], n: int, seeds: list[int | None], settings: SamplingSettings):
+    """``n`` samples per prompt from a ``vllm.LLM`` (one request seed per prompt): per prompt, (token ids, the
+    sampler's log-prob of each) per sample. The colocated engine and ``pipelines.vllm_serve`` both sample here."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
 
-        results = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts],
-                                    [params(x) for x in seeds], use_tqdm=False)
-        return to_samples(self.tokenizer, s, [[(c.token_ids, [step[t].logprob for step, t in zip(c.logprobs, c.token_ids)])
-                                               for c in result.outputs] for result in results])
+    s = settings
+    params = [SamplingParams(n=n, temperature=s.temperature, top_p=s.top_p, max_tokens=s.max_new_tokens,
+                             stop=s.stop or None, include_stop_str_in_output=True, logprobs=0, seed=seed,
+                             detokenize=False) for seed in seeds]
+    results = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
+    return [[(list(c.token_ids), [step[t].logprob for step, t in zip(c.logprobs, c.token_ids)]) for c in r.outputs]
+            for r in results]
 
 
 def to_samples(tokenizer, settings: SamplingSettings, per_prompt: list[list[tuple[list[int], list[float]]]]) -> Samples:

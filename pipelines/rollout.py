@@ -157,7 +157,7 @@ class Rollout:
             local = self._score(samples, [picked[j] for j in mine], mine) if mine else []
             t_score += time.perf_counter() - start
             local_completions += len(mine) * G
-            groups = sorted(gather_object(local) if acc.num_processes > 1 else local, key=lambda g: g["index"])
+            groups = sorted(gather_object(local), key=lambda g: g["index"])  # every process: every group
             for group in groups:
                 sampled.append(group)
                 if self.labels_from is not None:

@@ -50,19 +50,16 @@ class Engine:
         self.lock = threading.Lock()
 
     def generate(self, request: dict) -> dict:
-        from vllm import SamplingParams
-        from vllm.inputs import TokensPrompt
+        from .generation import SamplingSettings, vllm_sample
 
-        prompts, seeds = request["prompts"], request.get("seeds") or [None] * len(request["prompts"])
-        params = [SamplingParams(n=int(request["n"]), temperature=float(request.get("temperature", 1.0)),
-                                 top_p=float(request.get("top_p", 1.0)), max_tokens=int(request["max_tokens"]),
-                                 stop=request.get("stop") or None, include_stop_str_in_output=True, logprobs=0,
-                                 seed=seed, detokenize=False) for seed in seeds]
+        prompts = request["prompts"]
+        settings = SamplingSettings(float(request.get("temperature", 1.0)), float(request.get("top_p", 1.0)),
+                                    int(request["max_tokens"]), request.get("stop") or [])
         with self.lock:
-            results = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
-        return {"completions": [[{"token_ids": list(c.token_ids),
-                                  "logprobs": [step[t].logprob for step, t in zip(c.logprobs, c.token_ids)]}
-                                 for c in result.outputs] for result in results]}
+            per_prompt = vllm_sample(self.llm, prompts, int(request["n"]), request.get("seeds") or [None] * len(prompts),
+                                     settings)
+        return {"completions": [[{"token_ids": ids, "logprobs": logprobs} for ids, logprobs in samples]
+                                for samples in per_prompt]}
 
     def update_weights(self, body: bytes) -> int:
         from safetensors.torch import load
