@@ -285,8 +285,7 @@ def main(argv=None) -> dict:
     model_card.write(run_dir, recipe=recipe, stages=summaries, evaluation=evaluation,
                      data_report=model_card.data_report(data_dir), parameters=parameters(chat_model),
                      architecture=type(chat_model).__name__, base=model_args.model_name_or_path)
-    logger.info("done in %.0f s: %s", result["wall_seconds"], json.dumps(
-        {k: v for k, v in evaluation.items() if not isinstance(v, (list, dict))}))
+    logger.info("done in %.0f s: %s", result["wall_seconds"], quick_eval.headline(evaluation))
     return result
 
 
