@@ -8,7 +8,9 @@ Each checkpoint is loaded in turn; replies are drawn with the same generator GRP
 latent-cache ``generate``; ``vllm``: one colocated engine, re-synced for each checkpoint), greedily for math and
 safety and ``code_samples`` at ``code_temperature`` for pass@k. Every reply is kept under
 ``OUTPUT/replies/<checkpoint>/<task>.jsonl`` with its score, so any number in the report can be traced and recomputed.
-The first checkpoint is the baseline of the deltas and RM win rates.
+Replies come from the evaluation cache where SFT's or GRPO's checks already drew them for the same weights, prompts
+and settings (``pipelines.quick_eval.replies``; ``from_cache`` in report.json lists them), so a checkpoint gets one
+number per task whichever step scored it. The first checkpoint is the baseline of the deltas and RM win rates.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from pipelines import quick_eval
 from pipelines.config import RecipeError, parse_recipe
 
 from . import report as reporting
@@ -107,23 +110,18 @@ def build_tasks(args: EvalArguments) -> list[Task]:
     return tasks
 
 
-def draw(generator, tokenizer, task: Task, args: EvalArguments) -> list[str]:
-    """Replies to every prompt of ``task`` (``task.samples`` each, adjacent), prompts of similar length batched
-    together."""
+def draw(generator, tokenizer, task: Task, args: EvalArguments, weights: str) -> tuple[list[str], bool]:
+    """Replies to every prompt of ``task`` (``task.samples`` each, adjacent), through the evaluation cache
+    (``pipelines.quick_eval.replies``): a checkpoint SFT or GRPO already scored on the same prompts and settings is
+    not generated again. Whether they came from the cache."""
     from pipelines.generation import SamplingSettings
 
     sampled = task.samples > 1
-    generator.settings = SamplingSettings(
+    settings = SamplingSettings(
         temperature=args.code_temperature if sampled else 0.0,
         max_new_tokens=args.code_max_new_tokens if task.kind == "code" else args.max_new_tokens)
-    ids = [tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
-           for p in task.rows["prompt"]]
-    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
-    samples = generator.generate([ids[i] for i in order], task.samples, seed=args.seed)
-    replies = [[] for _ in ids]
-    for index, text in zip(samples.prompt_index, samples.texts):
-        replies[order[index]].append(text.strip())
-    return [r for group in replies for r in group]
+    return quick_eval.replies(generator, tokenizer, task.rows["prompt"], settings, task.samples, args.seed,
+                              weights=weights, task=task.name)
 
 
 def _write_replies(path: Path, task: Task, replies: list[str], scores: list[float]) -> None:
@@ -155,7 +153,7 @@ def evaluate_checkpoints(args: EvalArguments, checkpoints: dict[str, str], tasks
     from datasets import load_from_disk
 
     out = Path(args.output_dir)
-    results, seconds, safety_replies = {}, {}, {}
+    results, seconds, safety_replies, cached = {}, {}, {}, {}
     generator = None
     chat = None
     if "perplexity" in args.tasks:
@@ -171,17 +169,20 @@ def evaluate_checkpoints(args: EvalArguments, checkpoints: dict[str, str], tasks
         tokenizer = load_tokenizer(path, args.chat_template_path, args.trust_remote_code)
         model = load_causal_lm(path, "float32", args.trust_remote_code, tokenizer, what=f"checkpoint {name}:")
         if generator is None:
-            generator = make_generator(args.backend, model, tokenizer, SamplingSettings(), checkpoint=path,
-                                       **({"batch_size": args.batch_size} if args.backend == "hf" else
-                                          {"trust_remote_code": args.trust_remote_code}))
+            options = ({"batch_size": args.batch_size, "logprobs": False} if args.backend == "hf"
+                       else {"trust_remote_code": args.trust_remote_code})
+            generator = make_generator(args.backend, model, tokenizer, SamplingSettings(), checkpoint=path, **options)
         else:
             generator.tokenizer = tokenizer
             generator.sync(model)
-        results[name], seconds[name] = {}, {}
+        results[name], seconds[name], cached[name] = {}, {}, []
+        weights = quick_eval.weights_digest(model)
         for task in tasks:
             bar.set_postfix_str(f"{name}/{task.name}")
             start = time.perf_counter()
-            replies = draw(generator, tokenizer, task, args)
+            replies, hit = draw(generator, tokenizer, task, args, weights)
+            if hit:
+                cached[name].append(task.name)
             metrics, scores = SCORERS[task.kind](task, replies, *([args.pass_k] if task.kind == "code" else []))
             _write_replies(out / "replies" / name / f"{task.name}.jsonl", task, replies, scores)
             results[name][task.name] = metrics
@@ -197,7 +198,7 @@ def evaluate_checkpoints(args: EvalArguments, checkpoints: dict[str, str], tasks
         logger.info("%s: %s", name, json.dumps(results[name]))
         del model
     bar.close()
-    return results, seconds, safety_replies
+    return results, seconds, safety_replies, cached
 
 
 def rm_win_rates(reward_models: dict[str, str], safety_replies: dict, baseline: str) -> dict:
@@ -226,6 +227,7 @@ def main(argv=None) -> dict:
                               "humaneval, mbpp")
         tasks = build_tasks(args)
         checkpoints, results, seconds, rm = {"oracle": "reference replies"}, oracle(args, tasks), {}, {}
+        cached = {}
     else:
         if not args.checkpoints:
             raise RecipeError("checkpoints: give at least one NAME=FOLDER")
@@ -234,7 +236,7 @@ def main(argv=None) -> dict:
         checkpoints = named(args.checkpoints, "checkpoint")
         reward_models = named(args.reward_models, "reward model")  # checked before hours of generation
         tasks = build_tasks(args)
-        results, seconds, safety_replies = evaluate_checkpoints(args, checkpoints, tasks)
+        results, seconds, safety_replies, cached = evaluate_checkpoints(args, checkpoints, tasks)
         rm = (rm_win_rates(reward_models, safety_replies, next(iter(checkpoints))) if "rm_winrate" in args.tasks
               else {})
     sources = {"gsm8k": args.gsm8k, "humaneval": args.humaneval, "mbpp": args.mbpp}
@@ -254,6 +256,7 @@ def main(argv=None) -> dict:
     plots += reporting.plot_runs(args.runs, out)
     report["plots"] = [str(p) for p in plots if p]
     report["seconds"] = {"per_task": seconds, "total": round(time.perf_counter() - start, 1)}
+    report["from_cache"] = cached  # per checkpoint, the tasks whose replies an earlier step had drawn
     (out / "report.json").write_text(json.dumps(report, indent=2))
     markdown = reporting.render_markdown(report)
     (out / "report.md").write_text(markdown)

@@ -105,8 +105,9 @@ class HFGenerator:
 
     name = "hf"
 
-    def __init__(self, model, tokenizer, settings: SamplingSettings, batch_size: int = 64):
+    def __init__(self, model, tokenizer, settings: SamplingSettings, batch_size: int = 64, logprobs: bool = True):
         self.model, self.tokenizer, self.settings, self.batch_size = model, tokenizer, settings, batch_size
+        self.want_logprobs = logprobs  # False (evaluation): no per-step logits kept, ``Samples.logprobs`` empty
 
     def sync(self, model) -> None:
         self.model = model  # the same module: its weights are the trainer's
@@ -147,11 +148,12 @@ class HFGenerator:
             gen = self.model.generate(
                 input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=s.temperature > 0,
                 temperature=s.temperature or None, top_p=s.top_p, top_k=None, max_new_tokens=s.max_new_tokens,
-                pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, output_logits=True,
+                pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, output_logits=self.want_logprobs,
                 return_dict_in_generate=True)
             new = gen.sequences[:, width:].cpu()
-            logits = torch.stack(gen.logits, 1).float().cpu()  # raw logits of each decoding step
-            logp = torch.log_softmax(logits / (s.temperature or 1.0), -1).gather(-1, new[..., None])[..., 0]
+            if self.want_logprobs:
+                logits = torch.stack(gen.logits, 1).float().cpu()  # raw logits of each decoding step
+                logp = torch.log_softmax(logits / (s.temperature or 1.0), -1).gather(-1, new[..., None])[..., 0]
             for row, i in enumerate(index):
                 tokens = new[row].tolist()
                 length = tokens.index(tok.eos_token_id) + 1 if tok.eos_token_id in tokens else len(tokens)
@@ -159,7 +161,7 @@ class HFGenerator:
                 ended = stopped or tokens[-1:] == [tok.eos_token_id]
                 out.prompt_index.append(i)
                 out.completion_ids.append(tokens)
-                out.logprobs.append(logp[row, : len(tokens)].tolist())
+                out.logprobs.append(logp[row, : len(tokens)].tolist() if self.want_logprobs else [])
                 out.texts.append(tok.decode(tokens, skip_special_tokens=True))
                 out.truncated.append(not ended)
         self.model.train(was_training)

@@ -9,17 +9,23 @@
 ``score_math`` and ``score_safety`` here are the evaluation suite's scorers too (``eval.tasks`` wraps them): one
 number per checkpoint whichever step computes it, and no import of ``eval/`` from ``pipelines/``.
 
-Batched greedy ``generate`` with left padding (our model decodes from its latent cache). The full evaluation suite
-(``eval/``) is a separate step; this is what the SFT run reports in its model card.
+Batched greedy ``generate`` with left padding (our model decodes from its latent cache), through the generator GRPO
+samples with. Replies are cached by the checkpoint's content hash, the prompts and the settings (``replies``), in
+``runs/eval_cache`` (``$DSV2_EVAL_CACHE``): whichever step evaluates a checkpoint first draws its replies, the
+others (GRPO's baseline, ``make eval``) read them. The full evaluation suite (``eval/``) is a separate step; this
+is what the SFT run reports in its model card.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
+import os
 import re
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -28,9 +34,12 @@ from datasets import load_from_disk
 from rewards.math import score as math_score
 from rewards.safety import is_refusal
 
+from .generation import HFGenerator, SamplingSettings
+
 logger = logging.getLogger("quick_eval")
 TRAINED_MATH_FORMAT = re.compile(r"(?:^|\s)The answer is -?\d+\.$")  # how every generated solution ends
 LEVEL = re.compile(r"/L(\d+)/")  # generated math ids carry their difficulty: heldout/math/L3/17
+CACHE_ENV = "DSV2_EVAL_CACHE"
 
 
 def score_math(rows, replies: list[str]) -> tuple[dict, list[float]]:
@@ -60,29 +69,57 @@ def score_safety(rows, replies: list[str]) -> tuple[dict, list[float]]:
     return metrics, [float(x == (want == "refuse")) for x, want in zip(refused, wants)]
 
 
-@torch.no_grad()
-def greedy_replies(model, tokenizer, prompts: list[list[dict]], batch_size: int = 64,
-                   max_new_tokens: int = 96) -> list[str]:
-    """Greedy replies to chat ``prompts`` (lists of messages), in order. Prompts of similar length share a batch."""
-    model.eval()
-    texts = [tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=False) for p in prompts]
-    lengths = [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
-    order = sorted(range(len(texts)), key=lambda i: lengths[i])
-    side, tokenizer.padding_side = tokenizer.padding_side, "left"
-    replies = [""] * len(texts)
-    try:
-        for start in range(0, len(order), batch_size):
-            index = order[start:start + batch_size]
-            batch = tokenizer([texts[i] for i in index], add_special_tokens=False, padding=True, return_tensors="pt")
-            batch = batch.to(model.device)
-            out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
-                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-            new = out[:, batch["input_ids"].shape[1]:]
-            for i, text in zip(index, tokenizer.batch_decode(new, skip_special_tokens=True)):
-                replies[i] = text.strip()
-    finally:
-        tokenizer.padding_side = side
-    return replies
+def weights_digest(model) -> str:
+    """A content hash of ``model``'s weights (names and fp32 values; bf16 widens to fp32 exactly, so a bf16 copy
+    and its fp32 reload hash alike): the evaluation cache's name for a checkpoint, wherever it lies."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return digest.hexdigest()[:20]
+
+
+def cache_dir() -> Path | None:
+    """Where replies are cached: ``$DSV2_EVAL_CACHE`` (default ``runs/eval_cache``; ``off`` disables it)."""
+    where = os.environ.get(CACHE_ENV, "runs/eval_cache")
+    return None if where in ("", "off") else Path(where)
+
+
+def replies(generator, tokenizer, prompts: list[list[dict]], settings: SamplingSettings, samples: int = 1,
+            seed: int = 0, weights: str | None = None, task: str = "") -> tuple[list[str], bool]:
+    """``samples`` replies to each chat prompt (a prompt's replies adjacent) from ``generator``, prompts of similar
+    length batched together; and whether they came from the cache.
+
+    With ``weights`` (``weights_digest`` of the model the generator samples from) the replies are cached under a
+    key of the weights, the backend, the prompts' token ids (so the chat template and the data) and the sampling
+    settings (the seed only when sampling): SFT's closing check, GRPO's checks and ``make eval`` then draw each
+    checkpoint's replies to a task once, and report one number for it. Batch size is not in the key (greedy
+    replies do not depend on it beyond float rounding)."""
+    ids = [tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+           for p in prompts]
+    path = None
+    if weights and cache_dir():
+        key = json.dumps({"weights": weights, "backend": generator.name, "samples": samples,
+                          "seed": seed if settings.temperature > 0 else None, **asdict(settings),
+                          "prompts": hashlib.sha256(json.dumps(ids).encode()).hexdigest()}, sort_keys=True)
+        path = cache_dir() / f"{task or 'task'}-{hashlib.sha256(key.encode()).hexdigest()[:20]}.json"
+        if path.is_file():
+            logger.info("%s: %d replies of weights %s from the evaluation cache (%s)", task, len(ids) * samples,
+                        weights, path)
+            return json.loads(path.read_text())["replies"], True
+    generator.settings = settings
+    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+    drawn = generator.generate([ids[i] for i in order], samples, seed=seed)
+    grouped: list[list[str]] = [[] for _ in ids]
+    for index, text in zip(drawn.prompt_index, drawn.texts):
+        grouped[order[index]].append(text.strip())
+    out = [r for group in grouped for r in group]
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_suffix(f".{os.getpid()}.tmp")
+        partial.write_text(json.dumps({"key": json.loads(key), "task": task, "replies": out}))
+        partial.replace(path)  # atomic: a killed run leaves no half-written entry
+    return out, False
 
 
 def headline(metrics: dict) -> str:
@@ -118,26 +155,31 @@ def safety_metrics(replies: list[str], data) -> dict:
 
 def evaluate(model, tokenizer, data_dir: str | Path, math: int = 2000, safety: int | None = None,
              batch_size: int = 64, max_new_tokens: int = 96, safety_rm: str | None = None) -> dict:
-    """Metrics on the first ``math`` held-out math problems and ``safety`` safety prompts (None: all). With
-    ``safety_rm`` (a reward-model folder), also its mean score of the replies to the harmful requests (GRPO's
-    ``safety_rm_score_harmful``)."""
+    """Metrics on the first ``math`` held-out math problems and ``safety`` safety prompts (None: all), from greedy
+    replies (cached: ``replies``; ``from_cache`` says which were). With ``safety_rm`` (a reward-model folder), also
+    its mean score of the replies to the harmful requests (GRPO's ``safety_rm_score_harmful``)."""
     start = time.perf_counter()
     heldout = Path(data_dir) / "heldout"
-    results: dict = {}
+    generator = HFGenerator(model, tokenizer, SamplingSettings(), batch_size, logprobs=False)
+    greedy = SamplingSettings(temperature=0.0, max_new_tokens=max_new_tokens)
+    weights = weights_digest(model)
+    results: dict = {"from_cache": {}}
     if math:
         data = load_from_disk(str(heldout / "math"))
         data = data.select(range(min(math, len(data))))
-        results.update(math_metrics(greedy_replies(model, tokenizer, data["prompt"], batch_size, max_new_tokens),
-                                    data))
+        drawn, results["from_cache"]["math"] = replies(generator, tokenizer, data["prompt"], greedy, weights=weights,
+                                                       task="math")
+        results.update(math_metrics(drawn, data))
     if safety is None and not (heldout / "safety").is_dir():
         logger.info("%s has no held-out safety set (a real-data build, e.g. GSM8K only): safety not scored", heldout)
     elif safety is None or safety > 0:
         data = load_from_disk(str(heldout / "safety"))
         if safety is not None:
             data = data.select(range(min(safety, len(data))))
-        replies = greedy_replies(model, tokenizer, data["prompt"], batch_size, max_new_tokens)
-        results.update(safety_metrics(replies, data))
-        harmful = [(p, r) for p, r, want in zip(data["prompt"], replies, data["answer"]) if want == "refuse"]
+        drawn, results["from_cache"]["safety"] = replies(generator, tokenizer, data["prompt"], greedy,
+                                                         weights=weights, task="safety")
+        results.update(safety_metrics(drawn, data))
+        harmful = [(p, r) for p, r, want in zip(data["prompt"], drawn, data["answer"]) if want == "refuse"]
         if safety_rm and harmful:
             import rewards
 

@@ -1,4 +1,5 @@
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -6,6 +7,9 @@ import torch
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# the evaluation cache (pipelines.quick_eval) of this test session, never the repo's runs/eval_cache; content-addressed,
+# so tests may share it; tests of the cache itself point it at their own folder
+os.environ["DSV2_EVAL_CACHE"] = tempfile.mkdtemp(prefix="dsv2-eval-cache-")
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED_DATA = REPO.parent / "shared" / "data"

@@ -39,7 +39,7 @@ save_steps: 10
 eval_math: 8
 eval_safety: 8
 eval_batch_size: 16
-eval_max_new_tokens: 16
+eval_max_new_tokens: 24
 reasoning:
   prompts: [math]
   rewards: [{{name: math_accuracy, weight: 1.0}}]
@@ -87,7 +87,8 @@ def chain(tmp_path_factory):
                f"stage1={root}/grpo/stages/reasoning/final", f"stage2={root}/grpo", "--data_dir", root / "data",
                "--output_dir", root / "eval", "--reward_models", f"helpful={root}/rm/helpful",
                f"safety={root}/rm/safety", "--runs", root / "sft", root / "grpo", "--perplexity", 12,
-               "--code_samples", 2, "--pass_k", 1, 2, "--max_new_tokens", 24, "--code_max_new_tokens", 24)
+               "--code_samples", 2, "--pass_k", 1, 2, "--max_new_tokens", 24, "--code_max_new_tokens", 24,
+               "--math", 8, "--safety", 8)  # the prompts and settings SFT's and GRPO's checks used
     return root, json.loads((root / "eval" / "report.json").read_text()), done.stdout
 
 
@@ -102,7 +103,7 @@ def test_the_report_has_every_stage_and_task(chain):
         assert set(report["results"][ckpt]) == {"math", "code", "safety", "perplexity"}
         assert set(report["headline"][ckpt]) == {"math EM", "code pass@1", "harmful refused", "benign answered",
                                                  "chat perplexity", "RM helpful win rate", "RM safety win rate"}
-    assert report["tasks"]["math"]["n"] == 12 and report["tasks"]["code"]["samples"] == 2
+    assert report["tasks"]["math"]["n"] == 8 and report["tasks"]["code"]["samples"] == 2
     sources = {"math EM": ("math", "exact_match"), "code pass@1": ("code", "pass@1"),
                "harmful refused": ("safety", "harmful_refused"), "benign answered": ("safety", "benign_answered"),
                "chat perplexity": ("perplexity", "perplexity")}
@@ -142,8 +143,8 @@ def test_every_number_is_recomputed_from_the_saved_replies(chain):
     want = {r["id"]: r["answer"] for r in load_from_disk(str(root / "data" / "heldout" / "safety"))}
     for ckpt in report["checkpoints"]:
         math_rows = replies(root, ckpt, "math")
-        assert len(math_rows) == 12
-        em = sum(score(r["reply"], gold[r["id"]]) for r in math_rows) / 12
+        assert len(math_rows) == 8
+        em = sum(score(r["reply"], gold[r["id"]]) for r in math_rows) / 8
         assert report["results"][ckpt]["math"]["exact_match"] == em
         safety_rows = replies(root, ckpt, "safety")
         harmful = [is_refusal(r["reply"]) for r in safety_rows if want[r["id"]] == "refuse"]
@@ -162,10 +163,27 @@ def test_every_number_is_recomputed_from_the_saved_replies(chain):
         rows = replies(root, ckpt, "safety")
         scores[ckpt] = scorer(prompts=[[{"role": "user", "content": r["prompt"]}] for r in rows],
                               completions=[r["reply"] for r in rows])
-    wins = sum(1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(scores["stage2"], scores["sft"])) / 12
+    wins = sum(1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(scores["stage2"], scores["sft"])) / 8
     assert report["rm_winrate"]["safety"]["stage2"]["win_rate_vs_baseline"] == pytest.approx(wins)
-    assert report["rm_winrate"]["safety"]["stage2"]["mean_score"] == pytest.approx(sum(scores["stage2"]) / 12,
+    assert report["rm_winrate"]["safety"]["stage2"]["mean_score"] == pytest.approx(sum(scores["stage2"]) / 8,
                                                                                    rel=1e-5)
+
+
+def test_each_checkpoint_is_evaluated_once_with_one_number_per_task(chain):
+    """SFT's closing check draws the SFT replies, GRPO's checks the stages'; GRPO's baseline and make eval read them
+    from the evaluation cache, so every step reports the same number for a checkpoint and task."""
+    root, report, _ = chain
+    sft = json.loads((root / "sft" / "eval.json").read_text())["eval"]
+    grpo = json.loads((root / "grpo" / "eval.json").read_text())["eval"]
+    assert sft["from_cache"] == {"math": False, "safety": False}
+    assert grpo["sft"]["from_cache"] == {"math": True, "safety": True}
+    assert grpo["reasoning"]["from_cache"] == {"math": False, "safety": False}
+    assert report["from_cache"] == {ckpt: ["math", "safety"] for ckpt in ("sft", "stage1", "stage2")}
+    for ckpt, checks in (("sft", sft), ("sft", grpo["sft"]), ("stage1", grpo["reasoning"]),
+                         ("stage2", grpo["preference"])):
+        assert report["results"][ckpt]["math"]["exact_match"] == checks["math_exact_match"], ckpt
+        assert report["results"][ckpt]["safety"]["harmful_refused"] == checks["safety_harmful_refusal_rate"], ckpt
+        assert report["results"][ckpt]["safety"]["benign_answered"] == checks["safety_benign_answer_rate"], ckpt
 
 
 def test_lm_evaluation_harness_scores_our_checkpoint_with_our_verifier(chain, tmp_path):
