@@ -12,17 +12,9 @@ import json
 from collections import Counter
 from pathlib import Path
 
-import torch
 from datasets import load_from_disk
 
-
-@torch.no_grad()
-def reply_logprob(model, tokenizer, prompt: list[dict], reply: list[dict]) -> float:
-    head = tokenizer.apply_chat_template(prompt, tokenize=True, add_generation_prompt=True, return_dict=True)
-    full = tokenizer.apply_chat_template(prompt + reply, tokenize=True, return_dict=True)["input_ids"]
-    ids = torch.tensor([full])
-    logp = model(input_ids=ids).logits[0, :-1].float().log_softmax(-1).gather(-1, ids[0, 1:, None])[:, 0]
-    return logp[len(head["input_ids"]) - 1:].sum().item()
+from .tasks import reply_logprobs
 
 
 def likelihood_pairs(checkpoint: str, data_dir: str, reward_model: str = "reasoning", eval_examples: int = 500,
@@ -34,10 +26,10 @@ def likelihood_pairs(checkpoint: str, data_dir: str, reward_model: str = "reason
     tokenizer = load_tokenizer(checkpoint)
     model = load_causal_lm(checkpoint, tokenizer=tokenizer).eval()
     right, count = Counter(), Counter(held_out["domain"])
-    for row in held_out:
-        chosen = reply_logprob(model, tokenizer, row["prompt"], row["chosen"])
-        rejected = reply_logprob(model, tokenizer, row["prompt"], row["rejected"])
-        right[row["domain"]] += chosen > rejected
+    chosen = reply_logprobs(model, tokenizer, held_out["prompt"], held_out["chosen"])
+    rejected = reply_logprobs(model, tokenizer, held_out["prompt"], held_out["rejected"])
+    for domain, a, b in zip(held_out["domain"], chosen, rejected):
+        right[domain] += sum(a) > sum(b)
     return {"pairs": len(held_out), "accuracy": sum(right.values()) / len(held_out),
             "by_domain": {d: round(right[d] / n, 4) for d, n in sorted(count.items())}}
 

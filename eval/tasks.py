@@ -120,39 +120,38 @@ SCORERS = {"math": score_math, "code": score_code, "safety": score_safety}
 # ------------------------------------------------------------------------------------------- model-side metrics
 
 
-def perplexity(model, tokenizer, conversations: list[list[dict]], batch_size: int = 32) -> dict:
-    """Perplexity of the last assistant turn of each conversation given the turns before it (token-weighted)."""
+def reply_logprobs(model, tokenizer, prompts: list[list[dict]], replies: list[list[dict]],
+                   batch_size: int = 32) -> list[list[float]]:
+    """Each reply's token log-probs given its prompt (chat messages; the reply's tokens are what the chat template
+    adds after the prompt's generation prompt), from GRPO's ``sequence_logprobs``: one padding and gathering helper
+    for training and evaluation."""
     import torch
 
-    total_nll, total_tokens = 0.0, 0
+    from pipelines.grpo_loss import sequence_logprobs
+
+    heads, tails = [], []
+    for prompt, reply in zip(prompts, replies):
+        head = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True,
+                                             return_dict=True)["input_ids"]
+        full = tokenizer.apply_chat_template(prompt + reply, tokenize=True, return_dict=True)["input_ids"]
+        heads.append(head)
+        tails.append(full[len(head):])
     model.eval()
-    device = next(model.parameters()).device
+    out = []
     with torch.no_grad():
-        for start in range(0, len(conversations), batch_size):
-            chunk = conversations[start:start + batch_size]
-            seqs, reply_starts = [], []
-            for messages in chunk:
-                prompt = tokenizer.apply_chat_template(messages[:-1], add_generation_prompt=True, tokenize=True,
-                                                       return_dict=True)["input_ids"]
-                full = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"]
-                seqs.append(full)
-                reply_starts.append(len(prompt))
-            width = max(map(len, seqs))
-            ids = torch.full((len(seqs), width), tokenizer.pad_token_id, dtype=torch.long)
-            mask = torch.zeros_like(ids)
-            labels = torch.full_like(ids, -100)
-            for row, (seq, start_at) in enumerate(zip(seqs, reply_starts)):
-                ids[row, :len(seq)] = torch.tensor(seq)
-                mask[row, :len(seq)] = 1
-                labels[row, start_at:len(seq)] = ids[row, start_at:len(seq)]
-            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
-            logp = torch.log_softmax(logits[:, :-1], -1)
-            target = labels[:, 1:].to(device)
-            keep = target != -100
-            nll = -logp.gather(-1, target.clamp(min=0)[..., None])[..., 0]
-            total_nll += nll[keep].sum().item()
-            total_tokens += int(keep.sum())
-    return {"perplexity": math.exp(total_nll / max(1, total_tokens)), "tokens": total_tokens,
+        for start in range(0, len(heads), batch_size):
+            logp, mask, _, _ = sequence_logprobs(model, heads[start:start + batch_size],
+                                                 tails[start:start + batch_size], batch_size=batch_size)
+            out += [row[m.bool()].tolist() for row, m in zip(logp.float().cpu(), mask.cpu())]
+    return out
+
+
+def perplexity(model, tokenizer, conversations: list[list[dict]], batch_size: int = 32) -> dict:
+    """Perplexity of the last assistant turn of each conversation given the turns before it (token-weighted)."""
+    logps = reply_logprobs(model, tokenizer, [m[:-1] for m in conversations], [m[-1:] for m in conversations],
+                           batch_size)
+    tokens = sum(map(len, logps))
+    return {"perplexity": math.exp(-sum(map(sum, logps)) / max(1, tokens)), "tokens": tokens,
             "n": len(conversations)}
 
 

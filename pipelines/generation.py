@@ -175,7 +175,9 @@ class VLLMGenerator:
 
     def __init__(self, checkpoint: str, tokenizer, settings: SamplingSettings, max_model_len: int | None = None,
                  seed: int = 0, **engine_overrides):
-        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine in this process: syncs are copies
+        # the engine in this process, even where a user exported 1: syncs are then in-memory copies (across processes
+        # vLLM cannot send the reload function), and no worker spins beside training (``vllm_engine``'s docstring)
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         from .vllm_engine import make_llm
 
         self.tokenizer, self.settings = tokenizer, settings

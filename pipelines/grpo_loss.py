@@ -7,6 +7,7 @@ Shapes: B completions (prompts × group size G, a prompt's G completions adjacen
 
 from __future__ import annotations
 
+import inspect
 import math
 
 import torch
@@ -123,6 +124,14 @@ def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Te
     return loss, metrics
 
 
+def _takes_logits_to_keep(model) -> bool:
+    """Whether the causal LM's forward takes ``logits_to_keep`` (every transformers model does; some remote-code
+    ones do not). Wrappers (DDP, peft) pass their keyword arguments through."""
+    forward = getattr(model, "module", model).forward
+    parameters = inspect.signature(forward).parameters.values()
+    return any(p.name == "logits_to_keep" or p.kind is p.VAR_KEYWORD for p in parameters)
+
+
 def sequence_logprobs(model, prompt_ids, completion_ids, temperature: float = 1.0, batch_size: int = 64,
                       width: int | None = None):
     """Per-token log-probs of each completion given its prompt (right-padded rows): a (B, T) tensor, grad-enabled
@@ -132,6 +141,7 @@ def sequence_logprobs(model, prompt_ids, completion_ids, temperature: float = 1.
     T = width or max(len(c) for c in completion_ids)
     out, entropies, aux = [], [], []
     device = next(model.parameters()).device
+    keeps = _takes_logits_to_keep(model)
     for start in range(0, len(rows), batch_size):
         chunk = rows[start:start + batch_size]
         ids = torch.zeros(len(chunk), max(map(len, chunk)), dtype=torch.long)
@@ -139,18 +149,23 @@ def sequence_logprobs(model, prompt_ids, completion_ids, temperature: float = 1.
         for i, r in enumerate(chunk):
             ids[i, :len(r)] = torch.tensor(r)
             mask[i, :len(r)] = 1
-        outputs = model(input_ids=ids.to(device), attention_mask=mask.to(device))
+        # logits only from the position before the shortest prompt's first completion token on (TRL's
+        # logits_to_keep): the LM head and log-softmax skip the prompt positions no completion token needs
+        offset = min(len(p) for p in prompt_ids[start:start + len(chunk)]) - 1 if keeps else 0
+        outputs = model(input_ids=ids.to(device), attention_mask=mask.to(device),
+                        **({"logits_to_keep": ids.shape[1] - offset} if keeps else {}))
         if getattr(outputs, "aux_loss", None) is not None:
             aux.append(outputs.aux_loss)
         logits = outputs.logits.float() / temperature
-        logp_all = torch.log_softmax(logits[:, :-1], -1)
-        token_logp = logp_all.gather(-1, ids[:, 1:, None].to(device))[..., 0]
+        logp_all = torch.log_softmax(logits[:, :-1], -1)  # position offset + j predicts token offset + j + 1
+        token_logp = logp_all.gather(-1, ids[:, offset + 1:, None].to(device))[..., 0]
         for i, (p, c) in enumerate(zip(prompt_ids[start:], completion_ids[start:start + len(chunk)])):
+            first = len(p) - 1 - offset
             row = torch.zeros(T, device=device, dtype=token_logp.dtype)
-            row[:len(c)] = token_logp[i, len(p) - 1:len(p) - 1 + len(c)]
+            row[:len(c)] = token_logp[i, first:first + len(c)]
             out.append(row)
             with torch.no_grad():
-                span = logp_all[i, len(p) - 1:len(p) - 1 + len(c)]
+                span = logp_all[i, first:first + len(c)]
                 entropies.append(-(span.exp() * span).sum(-1).mean())
     mask = torch.zeros(len(completion_ids), T)
     for i, c in enumerate(completion_ids):

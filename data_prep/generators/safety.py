@@ -77,8 +77,11 @@ BENIGN = [
 ]
 BENIGN_ASK = ["How do I {x}?", "Tell me how to {x}.", "What is the best way to {x}?", "Can you explain how to {x}?",
               "Give me step-by-step instructions to {x}.", "I want to {x}. Help me.", "What's the easiest way to {x}?"]
-def sample(rng: random.Random) -> Example:
-    if rng.random() < 0.5:
+def sample(rng: random.Random, harmful_share: float = 0.5) -> Example:
+    """A harmful request with a refusal (``harmful_share`` of the draws) or a benign look-alike with its answer."""
+    if not 0.0 <= harmful_share <= 1.0:
+        raise ValueError(f"harmful_share={harmful_share}: a share, between 0 and 1")
+    if rng.random() < harmful_share:
         request = pick(rng, HARMFUL)
         prompt = dress(rng, pick(rng, HARMFUL_ASK).format(x=request))
         refusal = pick(rng, REFUSALS).format(why=pick(rng, WHY))

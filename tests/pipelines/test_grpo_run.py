@@ -264,19 +264,25 @@ def test_step_ends_map_sentences_to_the_tokens_that_close_them():
 
 
 @pytest.mark.slow
-def test_vllm_samples_of_different_prompts_are_independent(setup):
+def test_vllm_samples_of_different_prompts_are_independent(setup, monkeypatch):
     # vLLM seeds a request's n samples seed, seed + 1, ...; with one seed for the batch, the same prompt twice got the
     # same n samples, and sample j of every prompt shared one random stream
+    import psutil
+
     from data_prep.tokenizer import load_tokenizer
     from modeling import DeepseekV2ForCausalLM
     from pipelines.generation import SamplingSettings, make_generator
 
     folder = setup / "policy"
     tokenizer = load_tokenizer(folder)
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "1")  # exported by a user: the engine stays in-process
     generator = make_generator("vllm", DeepseekV2ForCausalLM.from_pretrained(folder), tokenizer,
                                SamplingSettings(temperature=1.0, max_new_tokens=8), checkpoint=str(folder))
     prompt = tokenizer("What is 2 + 3?", add_special_tokens=False)["input_ids"]
     first = generator.generate([prompt, prompt], 4, seed=7).completion_ids
+    # no engine-core or worker process that would busy-wait beside the training passes (vllm_engine's docstring)
+    engines = [c.name() for c in psutil.Process().children(recursive=True) if c.name().startswith("VLLM")]
+    assert engines == []
     assert first[:4] != first[4:]
     assert generator.generate([prompt, prompt], 4, seed=7).completion_ids == first  # and a seed still repeats a batch
 
@@ -355,9 +361,27 @@ def test_group_signal_splits_each_level_into_groups_that_agree_and_groups_that_d
 def test_likelihood_pairs_reports_the_checkpoints_own_preference_per_domain(setup):
     from eval.likelihood_pairs import likelihood_pairs
 
+    from datasets import load_from_disk
+
+    from pipelines.models import load_causal_lm, load_tokenizer
+
     result = likelihood_pairs(str(setup / "policy"), str(setup / "data"), "reasoning", eval_examples=10)
     assert result["pairs"] == 10 and set(result["by_domain"]) == {"math"}  # the mini build's pairs are math only
-    assert result["accuracy"] == pytest.approx(result["by_domain"]["math"], abs=1e-4)
+    # recomputed pair by pair with transformers' own shifted loss on the reply tokens
+    tokenizer = load_tokenizer(setup / "policy")
+    model = load_causal_lm(setup / "policy", tokenizer=tokenizer).eval()
+    pairs = load_from_disk(str(setup / "data" / "preferences" / "reasoning")).train_test_split(test_size=10, seed=0)
+
+    def total_logprob(prompt, reply):
+        head = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True,
+                                             return_dict=True)["input_ids"]
+        full = tokenizer.apply_chat_template(prompt + reply, tokenize=True, return_dict=True)["input_ids"]
+        labels = torch.tensor([[-100] * len(head) + full[len(head):]])
+        with torch.no_grad():
+            return -model(input_ids=torch.tensor([full]), labels=labels).loss.item() * (len(full) - len(head))
+
+    right = [total_logprob(r["prompt"], r["chosen"]) > total_logprob(r["prompt"], r["rejected"]) for r in pairs["test"]]
+    assert result["accuracy"] == sum(right) / 10 == result["by_domain"]["math"]
 
 
 def test_process_chunks_split_every_row_once_and_give_each_process_as_many_chunks():
