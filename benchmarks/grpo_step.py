@@ -213,8 +213,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--prompts", type=int, default=16)
     p.add_argument("--generations", type=int, default=8)
     p.add_argument("--max-new-tokens", type=int, default=48)
-    p.add_argument("--variants", nargs="*", default=["ours_vllm", "ours_hf", "ours_vllm_bf16"],
-                   choices=[v for v in VARIANTS if v != "trl"])
+    p.add_argument("--variants", nargs="*", default=None, choices=[v for v in VARIANTS if v != "trl"],
+                   help="default: all, less ours_vllm_bf16 on a CPU without native bf16 (emulated: ~20x slower)")
     p.add_argument("--data-dir", default="runs/data/tiny", help="a data build with rl/math (else one is built)")
     # one variant in this process (what run() starts for each)
     p.add_argument("--run-variant", choices=list(VARIANTS), help=argparse.SUPPRESS)
@@ -226,6 +226,10 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> list[dict]:
     args = parser().parse_args(argv)
+    if args.variants is None:
+        from pipelines.models import native_bf16
+
+        args.variants = ["ours_vllm", "ours_hf"] + (["ours_vllm_bf16"] if native_bf16() is not False else [])
     if args.run_variant:
         out = Path(args.out)
         result = run_variant(args.run_variant, Path(args.policy), Path(args.data), args, out)

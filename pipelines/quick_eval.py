@@ -200,11 +200,13 @@ def main(argv=None) -> int:
     parser.add_argument("--math", type=int, default=2000)
     parser.add_argument("--safety", type=int, default=None)
     parser.add_argument("--batch_size", type=int, default=64)
+    parser.add_argument("--max_new_tokens", type=int, default=112, help="SFT's and GRPO's tiny recipes' value")
     parser.add_argument("--trust_remote_code", action="store_true")
     args = parser.parse_args(argv)
     tokenizer = load_tokenizer(args.checkpoint, trust_remote_code=args.trust_remote_code)
     model = load_causal_lm(args.checkpoint, trust_remote_code=args.trust_remote_code, tokenizer=tokenizer)
-    print(json.dumps(evaluate(model, tokenizer, args.data_dir, args.math, args.safety, args.batch_size), indent=2))
+    print(json.dumps(evaluate(model, tokenizer, args.data_dir, args.math, args.safety, args.batch_size,
+                              args.max_new_tokens), indent=2))
     return 0
 
 
