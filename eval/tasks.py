@@ -137,13 +137,9 @@ def reply_logprobs(model, tokenizer, prompts: list[list[dict]], replies: list[li
         heads.append(head)
         tails.append(full[len(head):])
     model.eval()
-    out = []
     with torch.no_grad():
-        for start in range(0, len(heads), batch_size):
-            logp, mask, _, _ = sequence_logprobs(model, heads[start:start + batch_size],
-                                                 tails[start:start + batch_size], batch_size=batch_size)
-            out += [row[m.bool()].tolist() for row, m in zip(logp.float().cpu(), mask.cpu())]
-    return out
+        logp, mask, _, _ = sequence_logprobs(model, heads, tails, batch_size=batch_size)
+    return [row[m.bool()].tolist() for row, m in zip(logp.float().cpu(), mask.cpu())]
 
 
 def perplexity(model, tokenizer, conversations: list[list[dict]], batch_size: int = 32) -> dict:

@@ -97,12 +97,13 @@ def replies(generator, tokenizer, prompts: list[list[dict]], settings: SamplingS
     replies do not depend on it beyond float rounding)."""
     ids = [tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
            for p in prompts]
-    path = None
-    if weights and cache_dir():
-        key = json.dumps({"weights": weights, "backend": generator.name, "samples": samples,
-                          "seed": seed if settings.temperature > 0 else None, **asdict(settings),
-                          "prompts": hashlib.sha256(json.dumps(ids).encode()).hexdigest()}, sort_keys=True)
-        path = cache_dir() / f"{task or 'task'}-{hashlib.sha256(key.encode()).hexdigest()[:20]}.json"
+    seed = seed if settings.temperature > 0 else None  # greedy: no seed, and the global RNG is left alone
+    path, folder = None, cache_dir()
+    if weights and folder:
+        key = json.dumps({"weights": weights, "backend": generator.name, "samples": samples, "seed": seed,
+                          **asdict(settings), "prompts": hashlib.sha256(json.dumps(ids).encode()).hexdigest()},
+                         sort_keys=True)
+        path = folder / f"{task or 'task'}-{hashlib.sha256(key.encode()).hexdigest()[:20]}.json"
         if path.is_file():
             logger.info("%s: %d replies of weights %s from the evaluation cache (%s)", task, len(ids) * samples,
                         weights, path)
