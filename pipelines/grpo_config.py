@@ -98,6 +98,12 @@ class GRPOArguments(LoraArguments):
         "help": "for checkpoints that ship their own modeling code; reaches every loader and vLLM"})
     chat_template_path: str | None = field(default=None, metadata={
         "help": "replaces the policy tokenizer's chat template (chatml, deepseek, a .jinja file or the text)"})
+    fsdp: bool = field(default=False, metadata={
+        "help": "FSDP2 under `accelerate launch --multi_gpu --num_processes N`: the policy, its gradients and "
+                "optimizer state, and the reference split over the N processes (torch fully_shard per decoder "
+                "layer; gloo on CPUs); off: DDP, each process holds all of them"})
+    gradient_checkpointing: bool = field(default=False, metadata={
+        "help": "recompute each decoder layer's activations in the backward (less memory, ~1.3x the time)"})
     bf16: bool = field(default=False, metadata={
         "help": "bf16 autocast for the policy and reference forward/backward (the sampler stays as it is; the "
                 "truncated importance weight corrects the larger sampler/trainer gap)"})

@@ -1,8 +1,11 @@
-"""GRPO's policy update: the policy (prepared by accelerate: DDP over N processes), its optimizer and schedule, the
-frozen reference, the μ clipped-objective steps on a rollout's batch (``grpo_loss.py``), and their checkpoint.
+"""GRPO's policy update: the policy (prepared by accelerate: DDP over N processes, or sharded with FSDP2), its
+optimizer and schedule, the frozen reference, the μ clipped-objective steps on a rollout's batch (``grpo_loss.py``),
+and their checkpoint.
 
 With N processes each trains on every N-th row of the global batch in length order, each chunk weighted by its
-share of the global batch, so the update is the one a single process makes (``update``)."""
+share of the global batch, so the update is the one a single process makes (``update``). With ``fsdp`` the policy,
+its gradients and optimizer state and the reference are split over the processes (``shard``); the sampler, the
+checks and the saves get the gathered weights (``full_model``)."""
 
 from __future__ import annotations
 
@@ -14,8 +17,12 @@ import random
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from accelerate import Accelerator
 from accelerate.utils import DistributedType
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optimizer_state_dict,
+                                                     set_model_state_dict, set_optimizer_state_dict)
+from torch.distributed.tensor import DTensor
 
 from .config import RecipeError
 from .grpo_config import GRPOArguments, StageConfig, lr_factor
@@ -31,12 +38,15 @@ def make_accelerator() -> Accelerator:
     return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision="no")
 
 
-def check_launch(accelerator: Accelerator, stages: dict[str, StageConfig], use_peft: bool = False) -> None:
+def check_launch(accelerator: Accelerator, stages: dict[str, StageConfig], use_peft: bool = False,
+                 fsdp: bool = False) -> None:
     """What GRPO cannot do under this launch or with LoRA, as errors that say what to do instead."""
     if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
-        raise RecipeError(f"GRPO under {accelerator.distributed_type.value}: not built yet; each process holds the "
-                          "whole policy under DDP (accelerate launch --multi_gpu, or --config_file "
-                          "recipes/accelerate/ddp.yaml)")
+        raise RecipeError(f"GRPO under accelerate's {accelerator.distributed_type.value} config: GRPO shards the "
+                          "policy itself; launch with `accelerate launch --multi_gpu --num_processes N` (or "
+                          "--config_file recipes/accelerate/ddp.yaml) and set `fsdp: true` in the recipe (FSDP2)")
+    if fsdp and use_peft:
+        raise RecipeError("fsdp with use_peft: LoRA adapters are small enough to train under DDP; set fsdp: false")
     for name, cfg in stages.items():
         if accelerator.num_processes > 1 and cfg.retrain_reward_model:
             raise RecipeError(f"{name}.retrain_reward_model: retraining a reward model between iterations runs in "
@@ -61,27 +71,74 @@ def with_adapters(model, args: GRPOArguments):
     return model
 
 
-class PolicyTrainer:
-    """``policy``: what trains (DDP-wrapped with several processes); ``model``: the module itself, for no-grad
-    passes, sampling, syncs and saves; ``reference``: a frozen copy (none with β = 0; with LoRA the policy with its
-    adapters disabled, no second copy)."""
+def shard(model, device: torch.device) -> None:
+    """FSDP2 (torch's ``fully_shard``, in place): each decoder layer (the model's ``_no_split_modules``) one unit
+    whose parameters, gradients and optimizer state are split over the processes and all-gathered for its forward
+    and backward; embeddings, norm and head the root unit. accelerate's FSDP wrapping exists only for GPU launches
+    (it never sets FSDP for CPU processes), so GRPO shards here, the same way over gloo (CPUs) and NCCL (GPUs)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
 
-    def __init__(self, cfg: StageConfig, policy, accelerator: Accelerator | None = None, bf16: bool = False):
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    layers = set(getattr(model, "_no_split_modules", None) or [])
+    for module in model.modules():
+        if type(module).__name__ in layers:
+            fully_shard(module, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+
+
+def gather(model) -> dict[str, torch.Tensor]:
+    """``model``'s full state dict on CPU, on every process: a sharded model's tensors all-gathered one at a time
+    (a collective: every process calls it), a plain model's own."""
+    return {name: (t.full_tensor() if isinstance(t, DTensor) else t).detach().cpu()
+            for name, t in model.state_dict().items()}
+
+
+class PolicyTrainer:
+    """``policy``: what trains (DDP-wrapped or FSDP2-sharded with several processes); ``model``: the module itself,
+    for no-grad passes; ``full_model()``: the module with whole weights, for sampling, syncs, checks and saves;
+    ``reference``: a frozen copy (none with β = 0; with LoRA the policy with its adapters disabled)."""
+
+    def __init__(self, cfg: StageConfig, policy, accelerator: Accelerator | None = None, bf16: bool = False,
+                 fsdp: bool = False, gradient_checkpointing: bool = False):
         self.cfg, self.bf16 = cfg, bf16
         self.accelerator = accelerator = accelerator or make_accelerator()
+        self.sharded = fsdp and accelerator.num_processes > 1
+        self.reference = self._frozen_copy(policy) if cfg.beta and not is_peft(policy) else None
+        if gradient_checkpointing:  # each layer's activations recomputed in the backward: memory for time
+            policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if self.sharded:  # whole weights on CPU for the sampler, the checks and saves, refreshed by full_model()
+            self.full = copy.deepcopy(policy).cpu()
+            for model in (policy, self.reference):
+                if model is not None:
+                    shard(model, accelerator.device)
         optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=cfg.learning_rate,
                                       betas=(0.9, 0.95), weight_decay=0.0)
         # the scheduler stays ours: accelerate's would step once per process per optimizer step
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, functools.partial(lr_factor, cfg))
-        self.policy, self.optimizer = accelerator.prepare(policy, optimizer)
-        self.model = accelerator.unwrap_model(self.policy)
-        self.reference = None
-        self.reset_reference()
+        if self.sharded:
+            self.policy = self.model = policy
+            self.optimizer = optimizer
+        else:
+            self.policy, self.optimizer = accelerator.prepare(policy, optimizer)
+            self.model = accelerator.unwrap_model(self.policy)
+        # what each process holds of the policy: all of it under DDP, about 1/N sharded
+        self.parameters_per_process = sum((p.to_local() if isinstance(p, DTensor) else p).numel()
+                                          for p in self.model.parameters())
+
+    def full_model(self):
+        """The policy with its whole weights (the module itself unless sharded; then a collective)."""
+        if not self.sharded:
+            return self.model
+        self.full.load_state_dict(gather(self.model))
+        return self.full
 
     def reset_reference(self) -> None:
-        """π_ref ← π_θ (at the start, and between iterations of iterative RL)."""
-        if self.cfg.beta and not is_peft(self.model):
-            self.reference = self._frozen_copy(self.model)
+        """π_ref ← π_θ (between iterations of iterative RL; the trainer starts with a copy of the policy)."""
+        if self.reference is not None:
+            with torch.no_grad():
+                for ref, p in zip(self.reference.parameters(), self.model.parameters(), strict=True):
+                    ref.copy_(p)
 
     @staticmethod
     def _frozen_copy(model):
@@ -100,11 +157,21 @@ class PolicyTrainer:
                                      width=batch.sampler_logprobs.shape[1])
 
     def _scatter(self, model, batch: Batch, chunks: list[list[int]]) -> torch.Tensor:
-        """Per-token log-probs of the chunks' completions under ``model`` (no grad), rows in the batch's order."""
+        """Per-token log-probs of the chunks' completions under ``model`` (no grad), rows in the batch's order. An
+        empty chunk (sharded: every process runs as many forwards, each an all-gather) runs row 0 and is dropped."""
         out = torch.zeros_like(batch.sampler_logprobs)
         for rows in chunks:
-            out[rows] = self._forward(model, batch, rows)[0].to(out.device)
+            logp = self._forward(model, batch, rows or [0])[0]
+            if rows:
+                out[rows] = logp.to(out.device)
         return out
+
+    def _grad_sync(self, on: bool):
+        """Gradients are reduced across processes only after a step's last chunk."""
+        if self.sharded:
+            self.policy.set_requires_gradient_sync(on)
+            return contextlib.nullcontext()
+        return contextlib.nullcontext() if on else self.accelerator.no_sync(self.policy)
 
     def _reference_logprobs(self, batch: Batch, chunks: list[list[int]]) -> torch.Tensor:
         if self.reference is not None:
@@ -124,7 +191,7 @@ class PolicyTrainer:
                                 acc.num_processes)
         tokens = [len(c) for c in batch.completion_ids]
         total_tokens = max(1, sum(tokens))
-        real = [rows for rows in chunks if rows]
+        real = chunks if self.sharded else [rows for rows in chunks if rows]
         old = ref = None
         if cfg.num_iterations > 1 or cfg.beta:
             with torch.no_grad():
@@ -137,9 +204,7 @@ class PolicyTrainer:
         for _ in range(cfg.num_iterations):
             for k, rows in enumerate(chunks):
                 empty, rows = not rows, rows or [0]  # a padding chunk: row 0 with weight 0
-                # gradients are all-reduced once, after the last chunk
-                sync = contextlib.nullcontext() if k == len(chunks) - 1 else acc.no_sync(self.policy)
-                with sync:
+                with self._grad_sync(k == len(chunks) - 1):
                     logp, mask, entropy, aux = self._forward(self.policy, batch, rows)
                     old_rows = old[rows] if old is not None else logp.detach()
                     loss, m = policy_loss(
@@ -159,7 +224,10 @@ class PolicyTrainer:
                                    "aux_loss": aux.item() if aux is not None else 0.0,
                                    "sampler_logprob_gap": gap.item()}.items():
                     totals[key] = totals.get(key, 0.0) + value * weight
-            grad_norm = acc.clip_grad_norm_(self.policy.parameters(), cfg.max_grad_norm)
+            if self.sharded:
+                grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), cfg.max_grad_norm).full_tensor()
+            else:
+                grad_norm = acc.clip_grad_norm_(self.policy.parameters(), cfg.max_grad_norm)
             self.optimizer.step()
             self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
@@ -169,27 +237,46 @@ class PolicyTrainer:
             summed = acc.reduce(torch.tensor([totals[k] for k in keys], device=acc.device), "sum")
             totals.update(zip(keys, summed.tolist()))
         totals["learning_rate"] = self.scheduler.get_last_lr()[0]
+        totals["policy_parameters_per_process"] = self.parameters_per_process
         return totals
 
     def save(self, folder: Path) -> None:
-        """Weights (the adapter with LoRA), optimizer, scheduler, RNG and the reference into ``folder``."""
-        self.model.save_pretrained(folder)
-        torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+        """Weights (the adapter with LoRA), optimizer, scheduler, RNG and the reference into ``folder``. Every
+        process calls it (a sharded policy is gathered); the main process writes."""
+        model = self.full_model()
+        reference = gather(self.reference) if self.reference is not None else None
+        optimizer = (get_optimizer_state_dict(self.model, self.optimizer, options=StateDictOptions(
+            full_state_dict=True, cpu_offload=True)) if self.sharded else self.optimizer.state_dict())
+        if not self.accelerator.is_main_process:
+            return
+        model.save_pretrained(folder)
+        torch.save({"optimizer": optimizer, "scheduler": self.scheduler.state_dict(),
                     "rng": torch.get_rng_state(), "python_rng": random.getstate()}, folder / "trainer.pt")
-        if self.reference is not None:
-            self.reference.save_pretrained(folder / "reference")
+        if reference is not None:
+            model.save_pretrained(folder / "reference", state_dict=reference)
 
     def load(self, folder: Path) -> None:
+        saved = torch.load(folder / "trainer.pt", weights_only=False, map_location="cpu")
         if is_peft(self.model):  # the checkpoint holds the adapter
             from peft import load_peft_weights, set_peft_model_state_dict
 
             set_peft_model_state_dict(self.model, load_peft_weights(str(folder)))
         else:  # from_pretrained applies the checkpoint conversion (our stacked experts)
-            self.model.load_state_dict(type(self.model).from_pretrained(folder).state_dict())
+            self._load_weights(self.model, folder)
         if self.reference is not None:
-            self.reference.load_state_dict(type(self.reference).from_pretrained(folder / "reference").state_dict())
-        saved = torch.load(folder / "trainer.pt", weights_only=False, map_location="cpu")
-        self.optimizer.load_state_dict(saved["optimizer"])
+            self._load_weights(self.reference, folder / "reference")
+        if self.sharded:  # the full optimizer state, each process keeping its shard
+            set_optimizer_state_dict(self.model, self.optimizer, saved["optimizer"],
+                                     options=StateDictOptions(full_state_dict=True))
+        else:
+            self.optimizer.load_state_dict(saved["optimizer"])
         self.scheduler.load_state_dict(saved["scheduler"])
         torch.set_rng_state(saved["rng"])
         random.setstate(saved["python_rng"])
+
+    def _load_weights(self, model, folder: Path) -> None:
+        weights = type(self.full if self.sharded else model).from_pretrained(folder).state_dict()
+        if self.sharded:  # each process keeps its shard of the full tensors
+            set_model_state_dict(model, weights, options=StateDictOptions(full_state_dict=True))
+        else:
+            model.load_state_dict(weights)

@@ -87,3 +87,11 @@ def test_the_safety_rm_of_the_checks_is_named_by_label():
         {"name": "reward_model", "label": "harmless", "path": "runs/rm/safety"}])}
     assert find_safety_rm(stages, "harmless") == "runs/rm/safety"
     assert find_safety_rm(stages, "rm_safety") is None and find_safety_rm(stages, None) is None
+
+
+def test_launches_grpo_cannot_run_say_which_one_to_use():
+    from pipelines.grpo_trainer import check_launch, make_accelerator
+
+    with pytest.raises(RecipeError, match="fsdp with use_peft.*set fsdp: false"):
+        check_launch(make_accelerator(), {}, use_peft=True, fsdp=True)
+    check_launch(make_accelerator(), {}, use_peft=False, fsdp=True)  # one process: nothing to shard, nothing refused

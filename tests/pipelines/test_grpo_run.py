@@ -313,12 +313,12 @@ def test_mini_batch_size_changes_memory_use_not_the_update(setup, tmp_path, aggr
         sampler = sequence_logprobs(policy.eval(), prompt_ids, completions)[0]
     batch = Batch(prompt_ids, completions, sampler, torch.randn(24, generator=g), [0.0] * 24, {})
 
-    def updated(mini_batch_size: int) -> dict:
+    def updated(mini_batch_size: int, gradient_checkpointing: bool = False) -> dict:
         model = DeepseekV2ForCausalLM.from_pretrained(setup / "policy")
         cfg = StageConfig(rewards=[{"name": "tests.pipelines.grpo_toy_reward:has_digit"}], num_generations=4,
                           loss_aggregation=aggregation, mini_batch_size=mini_batch_size, max_new_tokens=24,
                           beta=0.04, max_grad_norm=1e9)
-        trainer = PolicyTrainer(cfg, model)
+        trainer = PolicyTrainer(cfg, model, gradient_checkpointing=gradient_checkpointing)
         trainer.optimizer = torch.optim.SGD(model.parameters(), lr=1.0)  # the parameter change is the gradient
         trainer.scheduler = torch.optim.lr_scheduler.LambdaLR(trainer.optimizer, lambda step: 1.0)
         metrics = trainer.update(batch)
@@ -326,10 +326,12 @@ def test_mini_batch_size_changes_memory_use_not_the_update(setup, tmp_path, aggr
 
     whole, m_whole = updated(24)
     cut, m_cut = updated(4)
+    recomputed, _ = updated(4, gradient_checkpointing=True)  # activations recomputed: the same gradient
     base = DeepseekV2ForCausalLM.from_pretrained(setup / "policy").state_dict()
     assert any(not torch.equal(whole[k], base[k]) for k in base)
     for name in base:
         torch.testing.assert_close(cut[name], whole[name], rtol=1e-4, atol=1e-6, msg=name)
+        torch.testing.assert_close(recomputed[name], cut[name], rtol=1e-5, atol=1e-7, msg=name)
     assert m_cut["loss"] == pytest.approx(m_whole["loss"], rel=1e-4, abs=1e-6)
 
 
@@ -428,19 +430,21 @@ def one_process(setup):
 
 
 @pytest.mark.slow
-def test_two_processes_make_the_update_one_process_makes(setup, one_process):
-    """`accelerate launch --num_processes 2` (DDP over gloo): each process samples half of every step's groups and
-    trains on half of the rows, and the run ends with the weights of a one-process run over the same global batch;
-    dynamic sampling's refill is decided on the gathered groups, so the processes stay in step."""
+@pytest.mark.parametrize("layout", ["ddp", "fsdp"])
+def test_two_processes_make_the_update_one_process_makes(setup, one_process, layout):
+    """`accelerate launch --num_processes 2` over gloo, each process holding the whole policy (DDP) or half of it
+    (FSDP2): each process samples half of every step's groups and trains on half of the rows, and the run ends with
+    the weights of a one-process run over the same global batch; dynamic sampling's refill is decided on the
+    gathered groups, so the processes stay in step."""
     from safetensors.torch import load_file
 
     lr, one = LR, one_process
-    two = setup / "two-processes"
-    recipe = two.parent / "two-processes.yaml"
+    two = setup / f"two-processes-{layout}"
+    recipe = two.parent / f"two-processes-{layout}.yaml"
     recipe.write_text(RECIPE.format(policy=setup / "policy", data=setup / "data", out=two, backend="vllm", steps=3))
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-               "-m", "pipelines.grpo", str(recipe), *lr]
+               "-m", "pipelines.grpo", str(recipe), *lr, "--fsdp", str(layout == "fsdp").lower()]
     done = subprocess.run(command, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-5000:]
     a, b = load_file(one / "model.safetensors"), load_file(two / "model.safetensors")
@@ -455,6 +459,9 @@ def test_two_processes_make_the_update_one_process_makes(setup, one_process):
         assert r2["reward"] == pytest.approx(r1["reward"]) and r2["sampled_groups"] == r1["sampled_groups"]
         assert r2["completions_per_process"] < r1["completions_per_process"] == r1["sampled_groups"] * 4
         assert r2["loss"] == pytest.approx(r1["loss"], rel=1e-3, abs=1e-5)
+        # what each process holds: the whole policy under DDP, half of it (give or take unsplittable rows) sharded
+        held = r2["policy_parameters_per_process"] / r1["policy_parameters_per_process"]
+        assert held == 1.0 if layout == "ddp" else 0.5 <= held < 0.55
 
 
 def free_port() -> int:
@@ -605,8 +612,9 @@ def test_rewards_get_the_completion_token_ids(setup):
 
 @pytest.mark.slow
 def test_a_killed_two_process_run_resumes_to_the_weights_one_process_reaches(setup, one_process):
-    """2 processes, killed after their step-2 checkpoint, launched again with the same command: the run continues
-    at step 3 (the main process saved, both restore) and ends where the uninterrupted one-process run does."""
+    """2 processes with the policy sharded (FSDP2), killed after their step-2 checkpoint, launched again with the
+    same command: the run continues at step 3 (weights and optimizer state gathered and written by the main
+    process, each process restoring its shard) and ends where the uninterrupted one-process run does."""
     import time
 
     import psutil
@@ -617,7 +625,7 @@ def test_a_killed_two_process_run_resumes_to_the_weights_one_process_reaches(set
     recipe.write_text(RECIPE.format(policy=setup / "policy", data=setup / "data", out=out, backend="vllm", steps=3))
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-               "-m", "pipelines.grpo", str(recipe), *LR, "--save_steps", "1"]
+               "-m", "pipelines.grpo", str(recipe), *LR, "--save_steps", "1", "--fsdp", "true"]
     process = subprocess.Popen(command, cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     while time.time() < deadline and not (out / "stages" / "reasoning" / "checkpoint-2" / "state.json").exists():

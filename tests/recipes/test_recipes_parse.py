@@ -69,16 +69,18 @@ def test_grpo_recipe_parses(path: Path):
     stages = stage_configs(args, where)
     assert path.read_text().startswith("#") and "pipelines.grpo" in path.read_text()
     # the paper's two stages; the real-data recipe (GSM8K only) and the stage-1 variants run the reasoning stage
-    one_stage = path.stem in ("smollm2", "tiny-iterative", "tiny-process")
+    one_stage = path.stem in ("smollm2", "tiny-iterative", "tiny-process", "deepseek-v2-lite")
     assert list(stages) == (["reasoning"] if one_stage else ["reasoning", "preference"])
     if path.stem == "tiny-iterative":  # DeepSeekMath Alg. 1: the reasoning RM retrained between 2 iterations
         s = stages["reasoning"]
         assert s.iterations == 2 and s.retrain_reward_model["label"] == "rm_reasoning"
     if path.stem == "tiny-process":
         assert stages["reasoning"].supervision == "process"
-    if path.stem == "deepseek-v2":  # DeepSeekMath's values where DeepSeek-V2 gives none
+    if path.stem.startswith("deepseek-v2"):  # DeepSeekMath's values where DeepSeek-V2 gives none
         s = stages["reasoning"]
         assert (s.learning_rate, s.beta, s.num_generations, s.num_iterations) == (1e-6, 0.04, 64, 1)
+    if path.stem == "deepseek-v2-lite":  # sharded trainer processes, sampling on a vLLM server
+        assert args.fsdp and args.backend == "vllm_server" and args.vllm_server_url
 
 
 @pytest.mark.parametrize("path", RM_RECIPES, ids=lambda p: str(p.relative_to(REPO)))
