@@ -107,11 +107,11 @@ class PolicyTrainer:
         self.reference = self._frozen_copy(policy) if cfg.beta and not is_peft(policy) else None
         if gradient_checkpointing:  # each layer's activations recomputed in the backward: memory for time
             policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if self.sharded:  # whole weights on CPU for the sampler, the checks and saves, refreshed by full_model()
-            self.full = copy.deepcopy(policy).cpu()
-            for model in (policy, self.reference):
-                if model is not None:
-                    shard(model, accelerator.device)
+        if self.sharded:  # the reference sharded before the sampler's copy is made: two whole copies at most
+            if self.reference is not None:
+                shard(self.reference, accelerator.device)
+            self.full = copy.deepcopy(policy).cpu()  # whole weights for the sampler, checks, saves: full_model()
+            shard(policy, accelerator.device)
         optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=cfg.learning_rate,
                                       betas=(0.9, 0.95), weight_decay=0.0)
         # the scheduler stays ours: accelerate's would step once per process per optimizer step
