@@ -43,8 +43,8 @@ from .config import parse_recipe
 from .generation import SamplingSettings, make_generator
 from .grpo_config import GRPOArguments, StageConfig, find_safety_rm, stage_configs
 from .iterative_rl import retrain_reward_model
-from .models import load_causal_lm, load_tokenizer, warn_if_bf16_is_emulated
-from .grpo_trainer import PolicyTrainer, check_launch, is_peft, make_accelerator, with_adapters
+from .models import load_tokenizer, warn_if_bf16_is_emulated
+from .grpo_trainer import PolicyTrainer, check_launch, is_peft, load_policy, make_accelerator, with_adapters
 from .rollout import Rollout, build_reward
 from .run_state import prepare_run_dir
 from .tracking import plot_reward_curve, read_metrics
@@ -176,8 +176,7 @@ def main(argv=None) -> dict:
     if not Path(args.policy).is_dir():
         raise FileNotFoundError(f"policy {args.policy}: no such checkpoint folder (make sft writes runs/sft/tiny)")
     tokenizer = load_tokenizer(args.policy, args.chat_template_path, args.trust_remote_code)
-    device = "cpu" if args.fsdp else accelerator.device  # sharding moves each process's shard to its device
-    policy = load_causal_lm(args.policy, "float32", args.trust_remote_code, tokenizer).to(device)
+    policy = load_policy(args.policy, args, accelerator, tokenizer)  # sharded: whole on the main process only
     safety_rm = find_safety_rm(stages, args.eval_safety_rm)
 
     # 3. Baseline: the SFT checkpoint, scored as every stage will be
@@ -194,8 +193,7 @@ def main(argv=None) -> dict:
     for name, cfg in stages.items():
         stage_dir = run_dir / "stages" / name
         if (stage_dir / "final" / "config.json").is_file() and name in results.get("stages", {}):
-            policy = load_causal_lm(stage_dir / "final", "float32", args.trust_remote_code,
-                                    tokenizer).to(device)
+            policy = load_policy(stage_dir / "final", args, accelerator, tokenizer)
             logger.info("%s: already done", name)
             continue
         if args.use_peft:

@@ -27,6 +27,7 @@ from torch.distributed.tensor import DTensor
 from .config import RecipeError
 from .grpo_config import GRPOArguments, StageConfig, lr_factor
 from .grpo_loss import policy_loss, process_chunks, sequence_logprobs
+from .models import load_causal_lm
 from .rollout import Batch
 
 logger = logging.getLogger("grpo")
@@ -87,6 +88,21 @@ def shard(model, device: torch.device) -> None:
     fully_shard(model, mesh=mesh)
 
 
+def load_policy(path, args: GRPOArguments, accelerator: Accelerator, tokenizer):
+    """The policy for this process, on its device. Sharded (``fsdp`` with several processes) the main process loads
+    it on the CPU and the others build it on the meta device: ``PolicyTrainer`` gives each its shards of the main
+    process's weights (host memory for one whole copy a process, not two or three)."""
+    if not (args.fsdp and accelerator.num_processes > 1):
+        return load_causal_lm(path, "float32", args.trust_remote_code, tokenizer).to(accelerator.device)
+    if accelerator.is_main_process:
+        return load_causal_lm(path, "float32", args.trust_remote_code, tokenizer)
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(str(path), trust_remote_code=args.trust_remote_code)
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config, dtype=torch.float32, trust_remote_code=args.trust_remote_code)
+
+
 def gather(model) -> dict[str, torch.Tensor]:
     """``model``'s full state dict on CPU, on every process: a sharded model's tensors all-gathered one at a time
     (a collective: every process calls it), a plain model's own."""
@@ -104,14 +120,12 @@ class PolicyTrainer:
         self.cfg, self.bf16 = cfg, bf16
         self.accelerator = accelerator = accelerator or make_accelerator()
         self.sharded = fsdp and accelerator.num_processes > 1
-        self.reference = self._frozen_copy(policy) if cfg.beta and not is_peft(policy) else None
+        if self.sharded:
+            policy, self.reference = self._sharded(policy, cfg.beta, accelerator)
+        else:
+            self.reference = self._frozen_copy(policy) if cfg.beta and not is_peft(policy) else None
         if gradient_checkpointing:  # each layer's activations recomputed in the backward: memory for time
             policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if self.sharded:  # the reference sharded before the sampler's copy is made: two whole copies at most
-            if self.reference is not None:
-                shard(self.reference, accelerator.device)
-            self.full = copy.deepcopy(policy).cpu()  # whole weights for the sampler, checks, saves: full_model()
-            shard(policy, accelerator.device)
         optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=cfg.learning_rate,
                                       betas=(0.9, 0.95), weight_decay=0.0)
         # the scheduler stays ours: accelerate's would step once per process per optimizer step
@@ -125,6 +139,36 @@ class PolicyTrainer:
         # what each process holds of the policy: all of it under DDP, about 1/N sharded
         self.parameters_per_process = sum((p.to_local() if isinstance(p, DTensor) else p).numel()
                                           for p in self.model.parameters())
+
+    def _sharded(self, policy, beta: float, accelerator: Accelerator):
+        """The policy and the reference as FSDP2 shards of the main process's weights. Both are built on the meta
+        device, sharded, then filled from the main process's copy (broadcast shard by shard, buffers too), so no
+        process holds more than one whole copy: ``full``, the sampler's, refreshed by ``full_model()``. The other
+        processes may get ``policy`` on the meta device (``load_policy``): their copy is allocated here."""
+        main, device = accelerator.is_main_process, accelerator.device
+        on_meta = next(policy.parameters()).is_meta
+        self.full = copy.deepcopy(policy).to_empty(device="cpu") if on_meta else policy.cpu()
+        models = []
+        for _ in range(2 if beta else 1):
+            with torch.device("meta"):
+                model = type(policy)._from_config(policy.config, dtype=torch.float32)
+            shard(model, device)
+            model.to_empty(device=device)
+            set_model_state_dict(model, dict(policy.state_dict()) if main else {},
+                                 options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+            with torch.no_grad():
+                for name, buffer in model.named_buffers():  # non-persistent ones (rotary tables) are in no state dict
+                    if main:
+                        buffer.copy_(policy.get_buffer(name))
+                    dist.broadcast(buffer, src=0)
+                    if on_meta:
+                        self.full.get_buffer(name).copy_(buffer)
+            models.append(model)
+        reference = None
+        if beta:
+            reference = models[1].eval()
+            reference.requires_grad_(False)
+        return models[0], reference
 
     def full_model(self):
         """The policy with its whole weights (the module itself unless sharded; then a collective)."""

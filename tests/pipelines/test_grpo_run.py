@@ -612,9 +612,10 @@ def test_rewards_get_the_completion_token_ids(setup):
 
 @pytest.mark.slow
 def test_a_killed_two_process_run_resumes_to_the_weights_one_process_reaches(setup, one_process):
-    """2 processes with the policy sharded (FSDP2), killed after their step-2 checkpoint, launched again with the
-    same command: the run continues at step 3 (weights and optimizer state gathered and written by the main
-    process, each process restoring its shard) and ends where the uninterrupted one-process run does."""
+    """2 processes with the policy sharded (FSDP2, activations recomputed), killed after their step-2 checkpoint,
+    launched again with the same command: the run continues at step 3 (weights and optimizer state gathered and
+    written by the main process, each process restoring its shard) and ends where the uninterrupted one-process
+    run does."""
     import time
 
     import psutil
@@ -625,7 +626,8 @@ def test_a_killed_two_process_run_resumes_to_the_weights_one_process_reaches(set
     recipe.write_text(RECIPE.format(policy=setup / "policy", data=setup / "data", out=out, backend="vllm", steps=3))
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-               "-m", "pipelines.grpo", str(recipe), *LR, "--save_steps", "1", "--fsdp", "true"]
+               "-m", "pipelines.grpo", str(recipe), *LR, "--save_steps", "1", "--fsdp", "true",
+               "--gradient_checkpointing", "true"]
     process = subprocess.Popen(command, cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     while time.time() < deadline and not (out / "stages" / "reasoning" / "checkpoint-2" / "state.json").exists():
