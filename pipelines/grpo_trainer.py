@@ -174,7 +174,10 @@ class PolicyTrainer:
         """The policy with its whole weights (the module itself unless sharded; then a collective)."""
         if not self.sharded:
             return self.model
-        self.full.load_state_dict(gather(self.model))
+        whole = self.full.state_dict()
+        with torch.no_grad():  # one tensor at a time into the copy: no second whole copy in memory
+            for name, t in self.model.state_dict().items():
+                whole[name].copy_(t.full_tensor() if isinstance(t, DTensor) else t)
         return self.full
 
     def reset_reference(self) -> None:
@@ -287,20 +290,22 @@ class PolicyTrainer:
     def save(self, folder: Path) -> None:
         """Weights (the adapter with LoRA), optimizer, scheduler, RNG and the reference into ``folder``. Every
         process calls it (a sharded policy is gathered); the main process writes."""
+        main = self.accelerator.is_main_process
         model = self.full_model()
-        reference = gather(self.reference) if self.reference is not None else None
+        reference = gather(self.reference) if self.reference is not None and (main or self.sharded) else None
         optimizer = (get_optimizer_state_dict(self.model, self.optimizer, options=StateDictOptions(
             full_state_dict=True, cpu_offload=True)) if self.sharded else self.optimizer.state_dict())
-        if not self.accelerator.is_main_process:
+        if not main:
             return
         model.save_pretrained(folder)
-        torch.save({"optimizer": optimizer, "scheduler": self.scheduler.state_dict(),
-                    "rng": torch.get_rng_state(), "python_rng": random.getstate()}, folder / "trainer.pt")
+        torch.save(optimizer, folder / "optimizer.pt")
+        torch.save({"scheduler": self.scheduler.state_dict(), "rng": torch.get_rng_state(),
+                    "python_rng": random.getstate()}, folder / "trainer.pt")
         if reference is not None:
             model.save_pretrained(folder / "reference", state_dict=reference)
 
     def load(self, folder: Path) -> None:
-        saved = torch.load(folder / "trainer.pt", weights_only=False, map_location="cpu")
+        """Sharded, only the main process reads the weights and the optimizer state; each process gets its shard."""
         if is_peft(self.model):  # the checkpoint holds the adapter
             from peft import load_peft_weights, set_peft_model_state_dict
 
@@ -309,18 +314,21 @@ class PolicyTrainer:
             self._load_weights(self.model, folder)
         if self.reference is not None:
             self._load_weights(self.reference, folder / "reference")
-        if self.sharded:  # the full optimizer state, each process keeping its shard
-            set_optimizer_state_dict(self.model, self.optimizer, saved["optimizer"],
-                                     options=StateDictOptions(full_state_dict=True))
+        path, main = folder / "optimizer.pt", self.accelerator.is_main_process
+        if self.sharded:
+            optimizer = torch.load(path, weights_only=False, map_location="cpu") if main else {}
+            set_optimizer_state_dict(self.model, self.optimizer, optimizer, options=StateDictOptions(
+                full_state_dict=True, broadcast_from_rank0=True))
         else:
-            self.optimizer.load_state_dict(saved["optimizer"])
+            self.optimizer.load_state_dict(torch.load(path, weights_only=False, map_location="cpu"))
+        saved = torch.load(folder / "trainer.pt", weights_only=False, map_location="cpu")
         self.scheduler.load_state_dict(saved["scheduler"])
         torch.set_rng_state(saved["rng"])
         random.setstate(saved["python_rng"])
 
     def _load_weights(self, model, folder: Path) -> None:
-        weights = type(self.full if self.sharded else model).from_pretrained(folder).state_dict()
-        if self.sharded:  # each process keeps its shard of the full tensors
-            set_model_state_dict(model, weights, options=StateDictOptions(full_state_dict=True))
-        else:
-            model.load_state_dict(weights)
+        if not self.sharded:
+            model.load_state_dict(type(model).from_pretrained(folder).state_dict())
+            return
+        weights = type(self.full).from_pretrained(folder).state_dict() if self.accelerator.is_main_process else {}
+        set_model_state_dict(model, weights, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
