@@ -16,7 +16,8 @@ What it counts (bf16 mixed precision, as the accelerate configs set it; AdamW):
 Colocated (``backend: vllm``): the trainer's and vLLM's rows share each GPU. A server: vLLM has its own GPUs.
 GRPO shards with ``fsdp: true`` (FSDP2, the split recipes/accelerate/fsdp.yaml describes here); ZeRO-3 is not built for
 it. It keeps the policy in fp32 (4 + 4 bytes of weights and gradients + 8 of moments: the same 16 a parameter as the
-rows below) and an fp32 reference (twice the bf16 row), and a whole fp32 copy in host memory for the sampler.
+rows below) and an fp32 reference (twice the bf16 row), and a whole fp32 copy in host memory for the sampler (on
+the main process only with a vLLM server).
 """
 
 from __future__ import annotations

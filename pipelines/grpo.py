@@ -63,7 +63,9 @@ class StageRunner:
         self.accelerator = accelerator = accelerator or make_accelerator()
         self.dir, self.metrics_path = run_dir / "stages" / name, run_dir / "metrics.jsonl"
         self.rollout = Rollout(name, cfg, args.data_dir, tokenizer, args.seed, accelerator)
-        self.trainer = PolicyTrainer(cfg, policy, accelerator, args.bf16, args.fsdp, args.gradient_checkpointing)
+        # with a vLLM server only the main process needs whole weights (it pushes, checks and saves)
+        self.trainer = PolicyTrainer(cfg, policy, accelerator, args.bf16, args.fsdp, args.gradient_checkpointing,
+                                     whole_weights=args.backend != "vllm_server")
         self.settings = SamplingSettings(cfg.temperature, cfg.top_p, cfg.max_new_tokens)  # the stage's sampling
         self.step = 0
 

@@ -103,23 +103,31 @@ def load_policy(path, args: GRPOArguments, accelerator: Accelerator, tokenizer):
         return AutoModelForCausalLM.from_config(config, dtype=torch.float32, trust_remote_code=args.trust_remote_code)
 
 
-def gather(model) -> dict[str, torch.Tensor]:
-    """``model``'s full state dict on CPU, on every process: a sharded model's tensors all-gathered one at a time
-    (a collective: every process calls it), a plain model's own."""
-    return {name: (t.full_tensor() if isinstance(t, DTensor) else t).detach().cpu()
-            for name, t in model.state_dict().items()}
+def gather(model, keep: bool = True) -> dict[str, torch.Tensor]:
+    """``model``'s full state dict on CPU: a sharded model's tensors all-gathered one at a time (a collective: every
+    process calls it), a plain model's own. ``keep=False``: take part in the gathers, keep nothing."""
+    whole = {}
+    for name, t in model.state_dict().items():
+        t = t.full_tensor() if isinstance(t, DTensor) else t
+        if keep:
+            whole[name] = t.detach().cpu()
+    return whole
 
 
 class PolicyTrainer:
     """``policy``: what trains (DDP-wrapped or FSDP2-sharded with several processes); ``model``: the module itself,
     for no-grad passes; ``full_model()``: the module with whole weights, for sampling, syncs, checks and saves;
-    ``reference``: a frozen copy (none with β = 0; with LoRA the policy with its adapters disabled)."""
+    ``reference``: a frozen copy (none with β = 0; with LoRA the policy with its adapters disabled).
+    ``whole_weights=False`` (sharded, a process that neither samples locally nor saves: the non-main processes of a
+    ``vllm_server`` run): no whole copy is kept; ``full_model()`` takes part in the gathers and returns the model's
+    skeleton on the meta device (its config and shapes)."""
 
     def __init__(self, cfg: StageConfig, policy, accelerator: Accelerator | None = None, bf16: bool = False,
-                 fsdp: bool = False, gradient_checkpointing: bool = False):
+                 fsdp: bool = False, gradient_checkpointing: bool = False, whole_weights: bool = True):
         self.cfg, self.bf16 = cfg, bf16
         self.accelerator = accelerator = accelerator or make_accelerator()
         self.sharded = fsdp and accelerator.num_processes > 1
+        self.whole_weights = whole_weights or accelerator.is_main_process or not self.sharded
         if self.sharded:
             policy, self.reference = self._sharded(policy, cfg.beta, accelerator)
         else:
@@ -139,6 +147,9 @@ class PolicyTrainer:
         # what each process holds of the policy: all of it under DDP, about 1/N sharded
         self.parameters_per_process = sum((p.to_local() if isinstance(p, DTensor) else p).numel()
                                           for p in self.model.parameters())
+        # the processes holding the whole policy: all of them under DDP; sharded, those that keep the sampler's copy
+        mine = torch.tensor([float(self.whole_weights)], device=accelerator.device)
+        self.whole_copies = int(accelerator.reduce(mine, "sum").item()) if accelerator.num_processes > 1 else 1
 
     def _sharded(self, policy, beta: float, accelerator: Accelerator):
         """The policy and the reference as FSDP2 shards of the main process's weights. Both are built on the meta
@@ -147,7 +158,10 @@ class PolicyTrainer:
         processes may get ``policy`` on the meta device (``load_policy``): their copy is allocated here."""
         main, device = accelerator.is_main_process, accelerator.device
         on_meta = next(policy.parameters()).is_meta
-        self.full = copy.deepcopy(policy).to_empty(device="cpu") if on_meta else policy.cpu()
+        if not self.whole_weights:
+            self.full = policy if on_meta else policy.to("meta")
+        else:
+            self.full = copy.deepcopy(policy).to_empty(device="cpu") if on_meta else policy.cpu()
         models = []
         for _ in range(2 if beta else 1):
             with torch.device("meta"):
@@ -161,7 +175,7 @@ class PolicyTrainer:
                     if main:
                         buffer.copy_(policy.get_buffer(name))
                     dist.broadcast(buffer, src=0)
-                    if on_meta:
+                    if on_meta and self.whole_weights:
                         self.full.get_buffer(name).copy_(buffer)
             models.append(model)
         reference = None
@@ -177,7 +191,9 @@ class PolicyTrainer:
         whole = self.full.state_dict()
         with torch.no_grad():  # one tensor at a time into the copy: no second whole copy in memory
             for name, t in self.model.state_dict().items():
-                whole[name].copy_(t.full_tensor() if isinstance(t, DTensor) else t)
+                t = t.full_tensor() if isinstance(t, DTensor) else t
+                if self.whole_weights:
+                    whole[name].copy_(t)
         return self.full
 
     def reset_reference(self) -> None:
@@ -285,6 +301,7 @@ class PolicyTrainer:
             totals.update(zip(keys, summed.tolist()))
         totals["learning_rate"] = self.scheduler.get_last_lr()[0]
         totals["policy_parameters_per_process"] = self.parameters_per_process
+        totals["processes_with_whole_weights"] = self.whole_copies
         return totals
 
     def save(self, folder: Path) -> None:
@@ -292,7 +309,8 @@ class PolicyTrainer:
         process calls it (a sharded policy is gathered); the main process writes."""
         main = self.accelerator.is_main_process
         model = self.full_model()
-        reference = gather(self.reference) if self.reference is not None and (main or self.sharded) else None
+        gathers = self.reference is not None and (main or self.sharded)
+        reference = gather(self.reference, keep=main) if gathers else None
         optimizer = (get_optimizer_state_dict(self.model, self.optimizer, options=StateDictOptions(
             full_state_dict=True, cpu_offload=True)) if self.sharded else self.optimizer.state_dict())
         if not main:

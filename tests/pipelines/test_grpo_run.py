@@ -462,6 +462,7 @@ def test_two_processes_make_the_update_one_process_makes(setup, one_process, lay
         # what each process holds: the whole policy under DDP, half of it (give or take unsplittable rows) sharded
         held = r2["policy_parameters_per_process"] / r1["policy_parameters_per_process"]
         assert held == 1.0 if layout == "ddp" else 0.5 <= held < 0.55
+        assert r2["processes_with_whole_weights"] == 2  # each samples from its own engine: each needs whole weights
 
 
 def free_port() -> int:
@@ -509,15 +510,24 @@ def server(server_process):
 
 @pytest.mark.slow
 def test_grpo_against_a_vllm_server_pushes_its_weights_after_every_update(setup, server, one_process):
-    """The trainer samples from a separate server process over HTTP and pushes the policy after each update: the
-    server's own parameters equal the trained policy's, sampler and trainer agree on every step's tokens, and the
-    run ends where the colocated engine's does (the same prompt seeds, the same samples)."""
+    """Two sharded trainer processes sample from a separate server process over HTTP; the main one pushes the
+    policy after each update: the server's own parameters equal the trained policy's, sampler and trainer agree on
+    every step's tokens, and the run ends where the one-process colocated engine's does (the same prompt seeds, the
+    same samples). Only the main process holds the whole weights (the other never samples or saves locally)."""
     from safetensors.torch import load, load_file
 
     out = setup / "server-run"
-    launch(setup, "vllm_server", out, 3, "--vllm_server_url", server, *LR)
+    recipe = out.parent / "server-run.yaml"
+    recipe.write_text(RECIPE.format(policy=setup / "policy", data=setup / "data", out=out, backend="vllm_server",
+                                    steps=3))
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "pipelines.grpo",
+               str(recipe), "--vllm_server_url", server, "--fsdp", "true", *LR]
+    done = subprocess.run(command, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-5000:]
     steps = records(out)
     assert len(steps) == 3 and max(r["sampler_logprob_gap"] for r in steps) <= 1e-5
+    assert [(r["num_processes"], r["processes_with_whole_weights"]) for r in steps] == [(2, 1)] * 3
     assert [r["reward"] for r in steps] == pytest.approx([r["reward"] for r in records(one_process)])
     policy = load_file(out / "model.safetensors")
     colocated = load_file(one_process / "model.safetensors")
