@@ -269,7 +269,10 @@ class DeepseekV2Attention(nn.Module):
         k_pe = apply_rotary_pos_emb(k_pe, cos, sin)
 
         # The cache stores one "head" per layer: keys = c_KV, values = the RoPE key (paper Table 1).
-        absorbed = past_key_values is not None and past_key_values.get_seq_length(self.layer_idx) > 0
+        # Decoding attends over the latent cache (absorbed); a pass with gradients (training against a cached
+        # prefix: GRPO's shared prompts) expands it, whose backward is the cheaper one.
+        absorbed = (past_key_values is not None and past_key_values.get_seq_length(self.layer_idx) > 0
+                    and not torch.is_grad_enabled())
         if past_key_values is not None:
             c_kv, k_pe = past_key_values.update(c_kv, k_pe, self.layer_idx)
         if absorbed:

@@ -42,6 +42,7 @@ class StageConfig:
     dynamic_sampling: bool = True
     max_sampling_rounds: int = 3
     mini_batch_size: int = 64  # completions per forward/backward
+    share_prompts: bool = True  # a group's prompt computed once in the training passes, not once per completion
     max_grad_norm: float = 1.0
     iterations: int = 1  # iterative RL: the reference is reset to the policy this many times over the stage
     # iterative RL, DeepSeekMath Alg. 1: retrain a reward model at the end of each iteration on fresh policy samples.

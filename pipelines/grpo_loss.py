@@ -174,6 +174,99 @@ def sequence_logprobs(model, prompt_ids, completion_ids, temperature: float = 1.
     return torch.stack(out), mask.to(device), torch.stack(entropies).mean().item(), balance
 
 
+def prompt_groups(prompt_ids: list[list[int]]) -> list[range]:
+    """The runs of adjacent rows with the same prompt (a GRPO group: a prompt's G completions are adjacent)."""
+    groups, start = [], 0
+    for i in range(1, len(prompt_ids) + 1):
+        if i == len(prompt_ids) or prompt_ids[i] != prompt_ids[start]:
+            groups.append(range(start, i))
+            start = i
+    return groups
+
+
+def shared_prompt_logprobs(model, prompt_ids, completion_ids, temperature: float = 1.0, width: int | None = None):
+    """``sequence_logprobs`` with each group's prompt computed once instead of once per completion: a pass over
+    the groups' prompts (left-padded) fills a key/value cache with gradients, the cache is repeated for each
+    group's completions, and a second pass runs only the completion tokens against it; the log-prob of a
+    completion's first token comes from the prompt pass's last position. Gradients reach the prompt's tokens
+    through the cache, summed over the group, so the log-probs and their gradients are those of the padded rows
+    (tests/pipelines/test_grpo_run.py) with the prompt's arithmetic done once: a G-fold saving on prompt tokens,
+    which grows with the prompt (a few-shot or system prompt). Any causal LM whose forward takes a
+    ``DynamicCache`` and ``position_ids`` (every transformers model). Same returns as ``sequence_logprobs``; the
+    DeepSeekMoE balance loss counts each prompt once, as a sequence of its own beside its completions."""
+    from transformers import DynamicCache
+
+    device = next(model.parameters()).device
+    groups = prompt_groups(prompt_ids)
+    prompts = [prompt_ids[g.start] for g in groups]
+    sizes = torch.tensor([len(g) for g in groups], device=device)
+    P = max(map(len, prompts))
+    ids = torch.zeros(len(groups), P, dtype=torch.long)
+    prompt_mask = torch.zeros_like(ids)
+    for i, p in enumerate(prompts):
+        ids[i, P - len(p):] = torch.tensor(p)
+        prompt_mask[i, P - len(p):] = 1
+    prompt_mask = prompt_mask.to(device)
+    first = model(input_ids=ids.to(device), attention_mask=prompt_mask,
+                  position_ids=(prompt_mask.cumsum(1) - 1).clamp(min=0), past_key_values=DynamicCache(),
+                  use_cache=True, logits_to_keep=1)
+    cache = first.past_key_values
+    if cache is None or not hasattr(cache, "layers"):
+        raise ValueError(f"{type(getattr(model, 'module', model)).__name__} returned no key/value cache from a "
+                         "training forward (gradient checkpointing turns it off); set share_prompts: false")
+    for layer in cache.layers:  # each group's prompt cache, once per completion (the gradients add up)
+        layer.keys = layer.keys.repeat_interleave(sizes, 0)
+        layer.values = layer.values.repeat_interleave(sizes, 0)
+
+    T = max(1, max(len(c) for c in completion_ids))
+    cids = torch.zeros(len(completion_ids), T, dtype=torch.long)
+    mask = torch.zeros(len(completion_ids), T)
+    for i, c in enumerate(completion_ids):
+        cids[i, :len(c)] = torch.tensor(c, dtype=torch.long)
+        mask[i, :len(c)] = 1
+    cids, mask = cids.to(device), mask.to(device)
+    starts = torch.tensor([len(p) for p in prompt_ids], device=device)
+    rest = model(input_ids=cids, attention_mask=torch.cat([prompt_mask.repeat_interleave(sizes, 0), mask.long()], 1),
+                 position_ids=starts[:, None] + torch.arange(T, device=device), past_key_values=cache,
+                 use_cache=True)
+    # position j of the completion pass predicts token j + 1; the prompt's last position predicts token 0
+    logits = torch.cat([first.logits[:, -1:].repeat_interleave(sizes, 0), rest.logits[:, :-1]], 1)
+    logp_all = torch.log_softmax(logits.float() / temperature, -1)
+    token_logp = logp_all.gather(-1, cids[..., None])[..., 0] * mask
+    with torch.no_grad():
+        entropy = (-(logp_all.exp() * logp_all).sum(-1) * mask).sum(1) / mask.sum(1).clamp(min=1)
+    W = width or T
+    out = torch.zeros(len(completion_ids), W, device=device, dtype=token_logp.dtype)
+    out[:, :T] = token_logp
+    out_mask = torch.zeros_like(out)
+    out_mask[:, :T] = mask
+    # the balance loss per completion as the caller weighs it (by rows): the completions' own, plus the prompts'
+    # shared by each group's rows, so that each prompt and each completion counts once however rows are chunked
+    aux = [(o.aux_loss, k) for o, k in ((first, len(groups)), (rest, len(completion_ids)))
+           if getattr(o, "aux_loss", None) is not None]
+    balance = sum(a * k for a, k in aux) / len(completion_ids) if aux else None
+    return out, out_mask, entropy.mean().item(), balance
+
+
+def group_chunks(prompt_ids: list[list[int]], completion_ids: list[list[int]], size: int, rank: int = 0,
+                 world: int = 1) -> list[list[int]]:
+    """``process_chunks`` for ``shared_prompt_logprobs``: whole groups, never split; groups sorted by prompt +
+    longest completion, every ``world``-th group from ``rank`` on, as many groups a chunk as fit in ``size``
+    completions (at least one). Every process gets the same number of chunks (empty ones where it runs out)."""
+    groups = sorted(prompt_groups(prompt_ids),
+                    key=lambda g: (len(prompt_ids[g.start]) + max(len(completion_ids[i]) for i in g)))
+    per_rank = []
+    for r in range(world):
+        chunks: list[list[int]] = []
+        for g in groups[r::world]:
+            if not chunks or (chunks[-1] and len(chunks[-1]) + len(g) > size):
+                chunks.append([])
+            chunks[-1].extend(g)
+        per_rank.append(chunks)
+    count = max(1, max(map(len, per_rank)))
+    return per_rank[rank] + [[] for _ in range(count - len(per_rank[rank]))]
+
+
 def process_chunks(prompt_ids: list[list[int]], completion_ids: list[list[int]], size: int, rank: int = 0,
                    world: int = 1) -> list[list[int]]:
     """This process's row indices of the global batch, in chunks of at most ``size``: rows sorted by prompt +

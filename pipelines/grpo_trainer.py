@@ -2,8 +2,9 @@
 optimizer and schedule, the frozen reference, the μ clipped-objective steps on a rollout's batch (``grpo_loss.py``),
 and their checkpoint.
 
-With N processes each trains on every N-th row of the global batch in length order, each chunk weighted by its
-share of the global batch, so the update is the one a single process makes (``update``). With ``fsdp`` the policy,
+With N processes each trains on every N-th row (every N-th group with ``share_prompts``) of the global batch in
+length order, each chunk weighted by its share of the global batch, so the update is the one a single process makes
+(``update``). With ``fsdp`` the policy,
 its gradients and optimizer state and the reference are split over the processes (``shard``); the sampler, the
 checks and the saves get the gathered weights (``full_model``)."""
 
@@ -26,7 +27,7 @@ from torch.distributed.tensor import DTensor
 
 from .config import RecipeError
 from .grpo_config import GRPOArguments, StageConfig, lr_factor
-from .grpo_loss import policy_loss, process_chunks, sequence_logprobs
+from .grpo_loss import group_chunks, policy_loss, process_chunks, sequence_logprobs, shared_prompt_logprobs
 from .models import load_causal_lm
 from .rollout import Batch
 
@@ -134,6 +135,10 @@ class PolicyTrainer:
             self.reference = self._frozen_copy(policy) if cfg.beta and not is_peft(policy) else None
         if gradient_checkpointing:  # each layer's activations recomputed in the backward: memory for time
             policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # a group's prompt computed once for its G completions (through a cache, which checkpointing turns off)
+        self.share_prompts = cfg.share_prompts and not gradient_checkpointing
+        if cfg.share_prompts and gradient_checkpointing:
+            logger.info("share_prompts is off: gradient checkpointing runs without a key/value cache")
         optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=cfg.learning_rate,
                                       betas=(0.9, 0.95), weight_decay=0.0)
         # the scheduler stays ours: accelerate's would step once per process per optimizer step
@@ -215,9 +220,11 @@ class PolicyTrainer:
         ids_p = [batch.prompt_ids[i] for i in rows]
         ids_c = [batch.completion_ids[i] for i in rows]
         device = next(model.parameters()).device
+        width = batch.sampler_logprobs.shape[1]
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.bf16):
-            return sequence_logprobs(model, ids_p, ids_c, self.cfg.temperature, batch_size=len(rows),
-                                     width=batch.sampler_logprobs.shape[1])
+            if self.share_prompts:
+                return shared_prompt_logprobs(model, ids_p, ids_c, self.cfg.temperature, width=width)
+            return sequence_logprobs(model, ids_p, ids_c, self.cfg.temperature, batch_size=len(rows), width=width)
 
     def _scatter(self, model, batch: Batch, chunks: list[list[int]]) -> torch.Tensor:
         """Per-token log-probs of the chunks' completions under ``model`` (no grad), rows in the batch's order. An
@@ -244,14 +251,14 @@ class PolicyTrainer:
 
     def update(self, batch: Batch) -> dict:
         """μ optimizer steps on the step's global batch. Each process trains on its share of the rows (every N-th
-        in length order); each chunk's loss is weighted by its share of the global batch (its completions, or its
+        in length order; whole groups when their prompt is shared); each chunk's loss is weighted by its share of the global batch (its completions, or its
         tokens for the token-level mean) and DDP averages gradients over N, so the loss is scaled by N: the update
         is the one a single process would make. Every process runs the same number of chunks (a process short
         of rows runs one with weight 0), as DDP's gradient all-reduce needs."""
         cfg, acc = self.cfg, self.accelerator
         n = len(batch.completion_ids)
-        chunks = process_chunks(batch.prompt_ids, batch.completion_ids, cfg.mini_batch_size, acc.process_index,
-                                acc.num_processes)
+        chunks = (group_chunks if self.share_prompts else process_chunks)(
+            batch.prompt_ids, batch.completion_ids, cfg.mini_batch_size, acc.process_index, acc.num_processes)
         tokens = [len(c) for c in batch.completion_ids]
         total_tokens = max(1, sum(tokens))
         real = chunks if self.sharded else [rows for rows in chunks if rows]

@@ -229,6 +229,47 @@ def test_grpo_log_probs_cover_the_final_eos_when_pad_is_eos(qwen2):
     assert logp[0, 2].item() == pytest.approx(full[4, eos].item(), abs=1e-5)
 
 
+@pytest.mark.parametrize("arch", ["deepseek_v2", "qwen2"])
+def test_a_groups_prompt_computed_once_gives_the_padded_rows_log_probs_and_gradients(arch, request, data, tmp_path):
+    """GRPO's training passes run each group's prompt once (``share_prompts``): the same per-token log-probs and
+    parameter gradients as the padded prompt + completion rows, for our model (MLA's latent cache) and a
+    transformers architecture, with prompts of different lengths (left padding) and ragged completions; the model
+    sees each prompt once instead of once per completion."""
+    from pipelines.grpo_loss import sequence_logprobs, shared_prompt_logprobs
+    from pipelines.models import load_causal_lm
+
+    folder = request.getfixturevalue("qwen2") if arch == "qwen2" else make_deepseek(data, tmp_path / "deepseek")
+    model = load_causal_lm(folder).train()
+    g = torch.Generator().manual_seed(0)
+    prompts, completions = [], []
+    for length in (5, 9, 3):  # three groups of 4
+        prompt = torch.randint(3, 300, (length,), generator=g).tolist()
+        for _ in range(4):
+            prompts.append(prompt)
+            completions.append(torch.randint(3, 300, (int(torch.randint(1, 12, ())),), generator=g).tolist())
+    weights = torch.randn(12, 12, generator=g)  # a loss that weighs every token differently
+    seen = []
+    hook = model.get_input_embeddings().register_forward_hook(lambda m, args, out: seen.append(args[0].numel()))
+    results = []
+    for fn in (sequence_logprobs, shared_prompt_logprobs):
+        model.zero_grad()
+        seen.clear()
+        logp, mask, entropy, _ = fn(model, prompts, completions, 0.7, width=12)
+        (logp * mask * weights).sum().backward()
+        results.append((logp.detach(), mask, entropy, sum(seen),
+                        {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    hook.remove()
+    (padded, mask, entropy, padded_tokens, grads), (shared, shared_mask, shared_entropy, shared_tokens, sgrads) = results
+    assert torch.equal(shared_mask, mask) and shared_entropy == pytest.approx(entropy, rel=1e-5)
+    torch.testing.assert_close(shared, padded, rtol=0, atol=1e-5)
+    assert sgrads.keys() == grads.keys() and len(grads) > 10
+    for name, grad in grads.items():
+        torch.testing.assert_close(sgrads[name], grad, rtol=1e-4, atol=1e-5 * grad.abs().max().item(), msg=name)
+    longest = max(map(len, completions))
+    assert padded_tokens == 12 * (9 + longest)  # every row carries its prompt
+    assert shared_tokens == 3 * 9 + 12 * longest  # each prompt once
+
+
 def test_packed_rows_keep_attention_inside_each_conversation_for_other_architectures(qwen2):
     """The SFT trainer's forward (``use_cache=False``, positions restarting, no mask) on a Qwen2: the second
     conversation of a packed row gets the logits it gets alone."""

@@ -290,8 +290,9 @@ def test_vllm_samples_of_different_prompts_are_independent(setup, monkeypatch):
 @pytest.mark.parametrize("aggregation", ["token", "grpo", "dr_grpo"])
 def test_mini_batch_size_changes_memory_use_not_the_update(setup, tmp_path, aggregation):
     """``mini_batch_size`` only says how many completions go through one forward/backward: rows are grouped by
-    length to save padding, and each chunk is weighted by its share of the batch (of tokens for the token-level
-    mean), so one chunk of 24 and six of 4 give the same parameters after an update."""
+    length to save padding (whole groups when the prompts are shared), and each chunk is weighted by its share of
+    the batch (of tokens for the token-level mean), so one chunk of 24 and six of 4 give the same parameters after
+    an update, with the prompts shared or not."""
     from datasets import load_from_disk
 
     from data_prep.tokenizer import load_tokenizer
@@ -302,9 +303,9 @@ def test_mini_batch_size_changes_memory_use_not_the_update(setup, tmp_path, aggr
     from pipelines.rollout import Batch
 
     tokenizer = load_tokenizer(setup / "policy")
-    prompts = load_from_disk(str(setup / "data" / "rl" / "math"))["prompt"][:24]
+    prompts = load_from_disk(str(setup / "data" / "rl" / "math"))["prompt"][:6]
     prompt_ids = [tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=True,
-                                                return_dict=True)["input_ids"] for p in prompts]
+                                                return_dict=True)["input_ids"] for p in prompts for _ in range(4)]
     g = torch.Generator().manual_seed(0)
     lengths = torch.randint(1, 25, (24,), generator=g).tolist()  # completions of very different lengths
     completions = [torch.randint(3, len(tokenizer), (k,), generator=g).tolist() for k in lengths]
@@ -313,11 +314,11 @@ def test_mini_batch_size_changes_memory_use_not_the_update(setup, tmp_path, aggr
         sampler = sequence_logprobs(policy.eval(), prompt_ids, completions)[0]
     batch = Batch(prompt_ids, completions, sampler, torch.randn(24, generator=g), [0.0] * 24, {})
 
-    def updated(mini_batch_size: int, gradient_checkpointing: bool = False) -> dict:
+    def updated(mini_batch_size: int, gradient_checkpointing: bool = False, share_prompts: bool = True) -> dict:
         model = DeepseekV2ForCausalLM.from_pretrained(setup / "policy")
         cfg = StageConfig(rewards=[{"name": "tests.pipelines.grpo_toy_reward:has_digit"}], num_generations=4,
                           loss_aggregation=aggregation, mini_batch_size=mini_batch_size, max_new_tokens=24,
-                          beta=0.04, max_grad_norm=1e9)
+                          beta=0.04, max_grad_norm=1e9, share_prompts=share_prompts)
         trainer = PolicyTrainer(cfg, model, gradient_checkpointing=gradient_checkpointing)
         trainer.optimizer = torch.optim.SGD(model.parameters(), lr=1.0)  # the parameter change is the gradient
         trainer.scheduler = torch.optim.lr_scheduler.LambdaLR(trainer.optimizer, lambda step: 1.0)
@@ -326,13 +327,17 @@ def test_mini_batch_size_changes_memory_use_not_the_update(setup, tmp_path, aggr
 
     whole, m_whole = updated(24)
     cut, m_cut = updated(4)
-    recomputed, _ = updated(4, gradient_checkpointing=True)  # activations recomputed: the same gradient
+    padded_whole, _ = updated(24, share_prompts=False)
+    padded_cut, m_padded = updated(4, share_prompts=False)
+    recomputed, _ = updated(4, gradient_checkpointing=True)  # activations recomputed (without a cache: unshared)
     base = DeepseekV2ForCausalLM.from_pretrained(setup / "policy").state_dict()
     assert any(not torch.equal(whole[k], base[k]) for k in base)
     for name in base:
         torch.testing.assert_close(cut[name], whole[name], rtol=1e-4, atol=1e-6, msg=name)
-        torch.testing.assert_close(recomputed[name], cut[name], rtol=1e-5, atol=1e-7, msg=name)
+        torch.testing.assert_close(padded_cut[name], padded_whole[name], rtol=1e-4, atol=1e-6, msg=name)
+        torch.testing.assert_close(recomputed[name], padded_cut[name], rtol=1e-5, atol=1e-7, msg=name)
     assert m_cut["loss"] == pytest.approx(m_whole["loss"], rel=1e-4, abs=1e-6)
+    assert m_padded["loss"] == pytest.approx(m_whole["loss"], rel=1e-4, abs=1e-6)  # the same objective
 
 
 def test_group_signal_splits_each_level_into_groups_that_agree_and_groups_that_do_not(setup):
@@ -399,6 +404,23 @@ def test_process_chunks_split_every_row_once_and_give_each_process_as_many_chunk
     assert len(split[0]) == len(split[1]) == 3  # the same number of passes on each process (DDP's all-reduce)
     assert split[1][-1] == [] and len(split[0][-1]) == 1  # 9 rows and 8: the short process pads with an empty one
     assert sorted(i for part in split for c in part for i in c) == list(range(17))
+
+
+def test_group_chunks_keep_each_group_whole_on_one_process():
+    from pipelines.grpo_loss import group_chunks
+
+    prompts = [[g] * (g % 3 + 1) for g in range(7) for _ in range(4)]  # 7 groups of 4 adjacent rows
+    completions = [[0] * (i % 5 + 1) for i in range(28)]
+    single = group_chunks(prompts, completions, 8)
+    assert sorted(i for c in single for i in c) == list(range(28)) and len(single) == 4
+    assert all(len(c) <= 8 and len(c) % 4 == 0 for c in single)
+    assert all(c[k:k + 4] == list(range(c[k], c[k] + 4)) and c[k] % 4 == 0 for c in single for k in range(0, len(c), 4))
+    smaller = group_chunks(prompts, completions, 3)  # a group larger than a chunk still goes whole
+    assert len(smaller) == 7 and all(len(c) == 4 for c in smaller)
+    split = [group_chunks(prompts, completions, 8, rank, 2) for rank in (0, 1)]
+    assert len(split[0]) == len(split[1]) == 2  # 4 groups and 3: as many passes on each process
+    assert sorted(i for part in split for c in part for i in c) == list(range(28))
+    assert {i // 4 for c in split[0] for i in c}.isdisjoint({i // 4 for c in split[1] for i in c})
 
 
 def test_a_prompt_seeded_group_does_not_depend_on_the_prompts_sampled_with_it(setup):
@@ -622,10 +644,10 @@ def test_rewards_get_the_completion_token_ids(setup):
 
 @pytest.mark.slow
 def test_a_killed_two_process_run_resumes_to_the_weights_one_process_reaches(setup, one_process):
-    """2 processes with the policy sharded (FSDP2, activations recomputed), killed after their step-2 checkpoint,
-    launched again with the same command: the run continues at step 3 (weights and optimizer state gathered and
-    written by the main process, each process restoring its shard) and ends where the uninterrupted one-process
-    run does."""
+    """2 processes with the policy sharded (FSDP2, each group's prompt computed once), killed after their step-2
+    checkpoint, launched again with the same command: the run continues at step 3 (weights and optimizer state
+    gathered and written by the main process, each process restoring its shard) and ends where the uninterrupted
+    one-process run does."""
     import time
 
     import psutil
@@ -636,8 +658,7 @@ def test_a_killed_two_process_run_resumes_to_the_weights_one_process_reaches(set
     recipe.write_text(RECIPE.format(policy=setup / "policy", data=setup / "data", out=out, backend="vllm", steps=3))
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-               "-m", "pipelines.grpo", str(recipe), *LR, "--save_steps", "1", "--fsdp", "true",
-               "--gradient_checkpointing", "true"]
+               "-m", "pipelines.grpo", str(recipe), *LR, "--save_steps", "1", "--fsdp", "true"]
     process = subprocess.Popen(command, cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     while time.time() < deadline and not (out / "stages" / "reasoning" / "checkpoint-2" / "state.json").exists():
