@@ -251,9 +251,9 @@ class PolicyTrainer:
 
     def update(self, batch: Batch) -> dict:
         """μ optimizer steps on the step's global batch. Each process trains on its share of the rows (every N-th
-        in length order; whole groups when their prompt is shared); each chunk's loss is weighted by its share of the global batch (its completions, or its
-        tokens for the token-level mean) and DDP averages gradients over N, so the loss is scaled by N: the update
-        is the one a single process would make. Every process runs the same number of chunks (a process short
+        in length order; whole groups when their prompt is shared); each chunk's loss is weighted by its share of
+        the global batch (its completions, or its tokens for the token-level mean) and DDP averages gradients over
+        N, so the loss is scaled by N: the update is the one a single process would make. Every process runs the same number of chunks (a process short
         of rows runs one with weight 0), as DDP's gradient all-reduce needs."""
         cfg, acc = self.cfg, self.accelerator
         n = len(batch.completion_ids)

@@ -246,7 +246,8 @@ def test_a_groups_prompt_computed_once_gives_the_padded_rows_log_probs_and_gradi
         prompt = torch.randint(3, 300, (length,), generator=g).tolist()
         for _ in range(4):
             prompts.append(prompt)
-            completions.append(torch.randint(3, 300, (int(torch.randint(1, 12, ())),), generator=g).tolist())
+            length = int(torch.randint(1, 12, (), generator=g))
+            completions.append(torch.randint(3, 300, (length,), generator=g).tolist())
     weights = torch.randn(12, 12, generator=g)  # a loss that weighs every token differently
     seen = []
     hook = model.get_input_embeddings().register_forward_hook(lambda m, args, out: seen.append(args[0].numel()))
@@ -259,15 +260,15 @@ def test_a_groups_prompt_computed_once_gives_the_padded_rows_log_probs_and_gradi
         results.append((logp.detach(), mask, entropy, sum(seen),
                         {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
     hook.remove()
-    (padded, mask, entropy, padded_tokens, grads), (shared, shared_mask, shared_entropy, shared_tokens, sgrads) = results
+    (padded, mask, entropy, padded_tokens, grads), shared_run = results
+    shared, shared_mask, shared_entropy, shared_tokens, sgrads = shared_run
     assert torch.equal(shared_mask, mask) and shared_entropy == pytest.approx(entropy, rel=1e-5)
     torch.testing.assert_close(shared, padded, rtol=0, atol=1e-5)
     assert sgrads.keys() == grads.keys() and len(grads) > 10
     for name, grad in grads.items():
         torch.testing.assert_close(sgrads[name], grad, rtol=1e-4, atol=1e-5 * grad.abs().max().item(), msg=name)
-    longest = max(map(len, completions))
-    assert padded_tokens == 12 * (9 + longest)  # every row carries its prompt
-    assert shared_tokens == 3 * 9 + 12 * longest  # each prompt once
+    assert padded_tokens == 12 * max(len(p) + len(c) for p, c in zip(prompts, completions))  # each row its prompt
+    assert shared_tokens == 3 * 9 + 12 * max(map(len, completions))  # each prompt once
 
 
 def test_packed_rows_keep_attention_inside_each_conversation_for_other_architectures(qwen2):
