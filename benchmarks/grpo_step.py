@@ -142,6 +142,7 @@ reasoning:
   loss_aggregation: token
   dynamic_sampling: false
   mini_batch_size: {completions}
+  share_prompts: {share_prompts}
 """
 
 
@@ -151,7 +152,8 @@ def run_ours(policy: Path, data: Path, args, out: Path, backend: str, bf16: bool
     recipe = out.with_suffix(".yaml")
     recipe.write_text(RECIPE.format(policy=policy, data=data, out=out, backend=backend, bf16=bf16, steps=args.steps,
                                     generations=args.generations, prompts=args.prompts,
-                                    max_new_tokens=args.max_new_tokens, completions=args.prompts * args.generations))
+                                    max_new_tokens=args.max_new_tokens, completions=args.prompts * args.generations,
+                                    share_prompts=args.share_prompts))
     grpo.main([str(recipe)])
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     rows = [r for r in rows if "time_step" in r]
@@ -185,7 +187,7 @@ def run(args) -> list[dict]:
             command = [sys.executable, "-m", "benchmarks.grpo_step", "--run-variant", name, "--policy", str(policy),
                        "--data", str(data), "--out", str(out), "--steps", str(args.steps), "--prompts",
                        str(args.prompts), "--generations", str(args.generations), "--max-new-tokens",
-                       str(args.max_new_tokens)]
+                       str(args.max_new_tokens), "--share-prompts", args.share_prompts]
             subprocess.run(command, check=True)
             results[name] = json.loads((root / f"{name}.json").read_text())
     rows = []
@@ -215,6 +217,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=48)
     p.add_argument("--variants", nargs="*", default=None, choices=[v for v in VARIANTS if v != "trl"],
                    help="default: all, less ours_vllm_bf16 on a CPU without native bf16 (emulated: ~20x slower)")
+    p.add_argument("--share-prompts", choices=["true", "false"], default="true",
+                   help="our training passes compute each group's prompt once (the recipes' default) or per row")
     p.add_argument("--data-dir", default="runs/data/tiny", help="a data build with rl/math (else one is built)")
     # one variant in this process (what run() starts for each)
     p.add_argument("--run-variant", choices=list(VARIANTS), help=argparse.SUPPRESS)

@@ -190,7 +190,7 @@ def shared_prompt_logprobs(model, prompt_ids, completion_ids, temperature: float
     group's completions, and a second pass runs only the completion tokens against it; the log-prob of a
     completion's first token comes from the prompt pass's last position. Gradients reach the prompt's tokens
     through the cache, summed over the group, so the log-probs and their gradients are those of the padded rows
-    (tests/pipelines/test_grpo_run.py) with the prompt's arithmetic done once: a G-fold saving on prompt tokens,
+    (tests/pipelines/test_any_model.py) with the prompt's arithmetic done once: a G-fold saving on prompt tokens,
     which grows with the prompt (a few-shot or system prompt). Any causal LM whose forward takes a
     ``DynamicCache`` and ``position_ids`` (every transformers model). Same returns as ``sequence_logprobs``; the
     DeepSeekMoE balance loss counts each prompt once, as a sequence of its own beside its completions."""

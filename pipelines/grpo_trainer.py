@@ -4,9 +4,8 @@ and their checkpoint.
 
 With N processes each trains on every N-th row (every N-th group with ``share_prompts``) of the global batch in
 length order, each chunk weighted by its share of the global batch, so the update is the one a single process makes
-(``update``). With ``fsdp`` the policy,
-its gradients and optimizer state and the reference are split over the processes (``shard``); the sampler, the
-checks and the saves get the gathered weights (``full_model``)."""
+(``update``). With ``fsdp`` the policy, its gradients and optimizer state and the reference are split over the
+processes (``shard``); the sampler, the checks and the saves get the gathered weights (``full_model``)."""
 
 from __future__ import annotations
 
@@ -253,8 +252,9 @@ class PolicyTrainer:
         """μ optimizer steps on the step's global batch. Each process trains on its share of the rows (every N-th
         in length order; whole groups when their prompt is shared); each chunk's loss is weighted by its share of
         the global batch (its completions, or its tokens for the token-level mean) and DDP averages gradients over
-        N, so the loss is scaled by N: the update is the one a single process would make. Every process runs the same number of chunks (a process short
-        of rows runs one with weight 0), as DDP's gradient all-reduce needs."""
+        N, so the loss is scaled by N: the update is the one a single process would make. Every process runs the
+        same number of chunks (a process short of rows runs one with weight 0), as DDP's gradient all-reduce
+        needs."""
         cfg, acc = self.cfg, self.accelerator
         n = len(batch.completion_ids)
         chunks = (group_chunks if self.share_prompts else process_chunks)(
