@@ -100,6 +100,27 @@ def _cut_at_stop(tokenizer, ids: list[int], stop: list[str]) -> tuple[list[int],
     return ids, False
 
 
+class RowSeededSampler:
+    """A ``generate`` logits processor that samples each row from its own random stream: with greedy decoding on
+    top, argmax(z / t + Gumbel noise) is a draw from softmax(z / t) (the Gumbel-max trick), and row r's noise at step
+    k is the k-th draw of generator r. A prompt's completions then depend on its seeds only, not on the other rows of
+    the batch, so groups sampled with per-prompt seeds can share a batch (transformers' sampler draws every row from
+    the one global generator). Top-p first: tokens outside the nucleus get -inf."""
+
+    def __init__(self, seeds: list[int], temperature: float, top_p: float = 1.0):
+        self.generators = [torch.Generator().manual_seed(s) for s in seeds]
+        self.temperature, self.top_p = temperature, top_p
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        scores = scores.float() / self.temperature
+        if self.top_p < 1.0:
+            from transformers import TopPLogitsWarper
+
+            scores = TopPLogitsWarper(self.top_p)(input_ids, scores)
+        uniform = torch.stack([torch.rand(scores.shape[-1], generator=g) for g in self.generators]).to(scores.device)
+        return scores - torch.log(-torch.log(uniform.clamp(min=torch.finfo(uniform.dtype).tiny)))
+
+
 class HFGenerator:
     """Sampling with the policy's own ``generate`` (left-padded batches, our latent cache)."""
 
@@ -112,25 +133,15 @@ class HFGenerator:
     def sync(self, model) -> None:
         self.model = model  # the same module: its weights are the trainer's
 
-    def generate(self, prompts: list[list[int]], n: int, seed: int | list[int] | None = None) -> Samples:
-        """``n`` samples per prompt. ``seed``: one for the whole call (batched), or one per prompt (each prompt's
-        group sampled on its own, so its completions do not depend on which other prompts share the call)."""
-        if not isinstance(seed, list):
-            return self._generate(prompts, n, seed)
-        out = Samples([], [], [], [], [])
-        for i, (prompt, prompt_seed) in enumerate(zip(prompts, seed)):
-            part = self._generate([prompt], n, prompt_seed)
-            out.prompt_index += [i] * len(part.prompt_index)
-            out.completion_ids += part.completion_ids
-            out.logprobs += part.logprobs
-            out.texts += part.texts
-            out.truncated += part.truncated
-        return out
-
     @torch.no_grad()
-    def _generate(self, prompts: list[list[int]], n: int, seed: int | None) -> Samples:
+    def generate(self, prompts: list[list[int]], n: int, seed: int | list[int] | None = None) -> Samples:
+        """``n`` samples per prompt. ``seed``: one for the whole call (transformers' sampler on the global
+        generator), or one per prompt: sample j of prompt i then draws from a stream of its own
+        (``RowSeededSampler``, seeded by ``prompt_seed(seed[i], j)``), so a prompt's completions do not depend on
+        which other prompts share the call or the batch."""
         s, tok = self.settings, self.tokenizer
-        if seed is not None:
+        per_row = isinstance(seed, list) and s.temperature > 0
+        if seed is not None and not isinstance(seed, list):
             torch.manual_seed(seed)
         was_training = self.model.training
         self.model.eval()
@@ -145,11 +156,14 @@ class HFGenerator:
             for row, i in enumerate(index):
                 ids[row, width - len(prompts[i]):] = torch.tensor(prompts[i])
                 mask[row, width - len(prompts[i]):] = 1
+            sampling = ({"do_sample": False, "logits_processor": [RowSeededSampler(
+                [prompt_seed(seed[i], (start + row) % n) for row, i in enumerate(index)],
+                s.temperature, s.top_p)]} if per_row else
+                {"do_sample": s.temperature > 0, "temperature": s.temperature or None, "top_p": s.top_p})
             gen = self.model.generate(
-                input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=s.temperature > 0,
-                temperature=s.temperature or None, top_p=s.top_p, top_k=None, max_new_tokens=s.max_new_tokens,
+                input_ids=ids.to(device), attention_mask=mask.to(device), top_k=None, max_new_tokens=s.max_new_tokens,
                 pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, output_logits=self.want_logprobs,
-                return_dict_in_generate=True)
+                return_dict_in_generate=True, **sampling)
             new = gen.sequences[:, width:].cpu()
             if self.want_logprobs:
                 logits = torch.stack(gen.logits, 1).float().cpu()  # raw logits of each decoding step
