@@ -124,57 +124,6 @@ def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Te
     return loss, metrics
 
 
-class _TokenLogprobs(torch.autograd.Function):
-    """log_softmax(logits / t)[target] per row, in row blocks that stay in cache; ``backward`` writes the logits'
-    gradient once. Autograd's ``log_softmax(logits / t).gather(...)`` makes five (rows, vocab) tensors (the scaled
-    logits, the log-softmax, the gather's zero-filled gradient, the log-softmax's and the division's gradients):
-    at the tiny model's vocabulary that was 20% of a GRPO training pass."""
-
-    @staticmethod
-    def forward(ctx, logits, targets, temperature, block, entropy):
-        n = logits.shape[0]
-        lse = torch.empty(n, device=logits.device, dtype=torch.float32)
-        out = torch.empty_like(lse)
-        ent = torch.empty_like(lse) if entropy else lse.new_empty(0)
-        for s in range(0, n, block):
-            z = logits[s:s + block].float() / temperature
-            lse[s:s + block] = torch.logsumexp(z, -1)
-            out[s:s + block] = z.gather(-1, targets[s:s + block, None])[:, 0] - lse[s:s + block]
-            if entropy:  # H = lse - Σ p z
-                ent[s:s + block] = lse[s:s + block] - (z.sub(lse[s:s + block, None]).exp_() * z).sum(-1)
-        ctx.save_for_backward(logits, targets, lse)
-        ctx.temperature, ctx.block = temperature, block
-        ctx.mark_non_differentiable(ent)
-        return out, ent
-
-    @staticmethod
-    def backward(ctx, grad, _):
-        logits, targets, lse = ctx.saved_tensors
-        t, block = ctx.temperature, ctx.block
-        g = grad.float() / t
-        out = torch.empty_like(logits)
-        for s in range(0, logits.shape[0], block):  # d/dz = (onehot(target) - softmax(z)) · g / t
-            z = logits[s:s + block].float() / t
-            z.sub_(lse[s:s + block, None]).exp_().mul_(-g[s:s + block, None])
-            z.scatter_add_(-1, targets[s:s + block, None], g[s:s + block, None])
-            out[s:s + block] = z
-        return out, None, None, None, None
-
-
-def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0,
-                   entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """log softmax(logits / temperature) at ``targets`` over the last dim (logits (..., V), targets (...)) in fp32,
-    differentiable with respect to the logits, and, with ``entropy``, each position's entropy (no gradient). TRL's
-    ``selective_log_softmax`` does the gather without the full log-softmax in its forward; this also folds in the
-    temperature and writes the backward by hand (``_TokenLogprobs``)."""
-    shape, vocab = targets.shape, logits.shape[-1]
-    block = max(8, (1 << 18) // vocab)  # ~1 MiB of fp32 logits a block
-    out, ent = _TokenLogprobs.apply(logits.reshape(-1, vocab), targets.reshape(-1).long(), float(temperature),
-                                    block, entropy)
-    return out.view(shape), (ent.view(shape) if entropy else None)
-
-
-
 def _takes_logits_to_keep(model) -> bool:
     """Whether the causal LM's forward takes ``logits_to_keep`` (every transformers model does; some remote-code
     ones do not). Wrappers (DDP, peft) pass their keyword arguments through."""
@@ -184,11 +133,10 @@ def _takes_logits_to_keep(model) -> bool:
 
 
 def sequence_logprobs(model, prompt_ids, completion_ids, temperature: float = 1.0, batch_size: int = 64,
-                      width: int | None = None, with_entropy: bool = True):
+                      width: int | None = None):
     """Per-token log-probs of each completion given its prompt (right-padded rows): a (B, T) tensor, grad-enabled
     when the model is; the (B, T) mask of real completion tokens; the mean token entropy; and the DeepSeekMoE balance
-    loss the model returns when it trains (None otherwise), averaged over the chunks. ``with_entropy=False`` skips
-    the entropy (NaN) where nobody reads it (the reference's pass)."""
+    loss the model returns when it trains (None otherwise), averaged over the chunks."""
     rows = [p + c for p, c in zip(prompt_ids, completion_ids)]
     T = width or max(len(c) for c in completion_ids)
     out, entropies, aux = [], [], []
@@ -208,22 +156,22 @@ def sequence_logprobs(model, prompt_ids, completion_ids, temperature: float = 1.
                         **({"logits_to_keep": ids.shape[1] - offset} if keeps else {}))
         if getattr(outputs, "aux_loss", None) is not None:
             aux.append(outputs.aux_loss)
-        # position offset + j predicts token offset + j + 1 (the last position predicts nothing: target 0)
-        targets = torch.cat([ids[:, offset + 1:], torch.zeros_like(ids[:, :1])], 1).to(device)
-        token_logp, entropy = token_logprobs(outputs.logits, targets, temperature, entropy=with_entropy)
+        logits = outputs.logits.float() / temperature
+        logp_all = torch.log_softmax(logits[:, :-1], -1)  # position offset + j predicts token offset + j + 1
+        token_logp = logp_all.gather(-1, ids[:, offset + 1:, None].to(device))[..., 0]
         for i, (p, c) in enumerate(zip(prompt_ids[start:], completion_ids[start:start + len(chunk)])):
             first = len(p) - 1 - offset
             row = torch.zeros(T, device=device, dtype=token_logp.dtype)
             row[:len(c)] = token_logp[i, first:first + len(c)]
             out.append(row)
-            if with_entropy:
-                entropies.append(entropy[i, first:first + len(c)].mean())
+            with torch.no_grad():
+                span = logp_all[i, first:first + len(c)]
+                entropies.append(-(span.exp() * span).sum(-1).mean())
     mask = torch.zeros(len(completion_ids), T)
     for i, c in enumerate(completion_ids):
         mask[i, :len(c)] = 1
     balance = torch.stack(aux).mean() if aux else None
-    mean_entropy = torch.stack(entropies).mean().item() if with_entropy else float("nan")
-    return torch.stack(out), mask.to(device), mean_entropy, balance
+    return torch.stack(out), mask.to(device), torch.stack(entropies).mean().item(), balance
 
 
 def prompt_groups(prompt_ids: list[list[int]]) -> list[range]:
@@ -236,8 +184,7 @@ def prompt_groups(prompt_ids: list[list[int]]) -> list[range]:
     return groups
 
 
-def shared_prompt_logprobs(model, prompt_ids, completion_ids, temperature: float = 1.0, width: int | None = None,
-                           with_entropy: bool = True):
+def shared_prompt_logprobs(model, prompt_ids, completion_ids, temperature: float = 1.0, width: int | None = None):
     """``sequence_logprobs`` with each group's prompt computed once instead of once per completion: a pass over
     the groups' prompts (left-padded) fills a key/value cache with gradients, the cache is repeated for each
     group's completions, and a second pass runs only the completion tokens against it; the log-prob of a
@@ -282,16 +229,12 @@ def shared_prompt_logprobs(model, prompt_ids, completion_ids, temperature: float
     rest = model(input_ids=cids, attention_mask=torch.cat([prompt_mask.repeat_interleave(sizes, 0), mask.long()], 1),
                  position_ids=starts[:, None] + torch.arange(T, device=device), past_key_values=cache,
                  use_cache=True)
-    # position j of the completion pass predicts token j + 1 (the last one nothing: target 0); the prompt's last
-    # position predicts token 0
-    head, head_entropy = token_logprobs(first.logits[:, -1].repeat_interleave(sizes, 0), cids[:, 0], temperature,
-                                        entropy=with_entropy)
-    tail, tail_entropy = token_logprobs(rest.logits, torch.cat([cids[:, 1:], torch.zeros_like(cids[:, :1])], 1),
-                                        temperature, entropy=with_entropy)
-    token_logp = torch.cat([head[:, None], tail[:, :-1]], 1) * mask
-    entropy = torch.tensor(float("nan"))
-    if with_entropy:
-        entropy = (torch.cat([head_entropy[:, None], tail_entropy[:, :-1]], 1) * mask).sum(1) / mask.sum(1).clamp(min=1)
+    # position j of the completion pass predicts token j + 1; the prompt's last position predicts token 0
+    logits = torch.cat([first.logits[:, -1:].repeat_interleave(sizes, 0), rest.logits[:, :-1]], 1)
+    logp_all = torch.log_softmax(logits.float() / temperature, -1)
+    token_logp = logp_all.gather(-1, cids[..., None])[..., 0] * mask
+    with torch.no_grad():
+        entropy = (-(logp_all.exp() * logp_all).sum(-1) * mask).sum(1) / mask.sum(1).clamp(min=1)
     W = width or T
     out = torch.zeros(len(completion_ids), W, device=device, dtype=token_logp.dtype)
     out[:, :T] = token_logp
