@@ -269,17 +269,30 @@ class DeepseekV2Attention(nn.Module):
         k_pe = apply_rotary_pos_emb(k_pe, cos, sin)
 
         # The cache stores one "head" per layer: keys = c_KV, values = the RoPE key (paper Table 1).
-        # Decoding attends over the latent cache (absorbed); a pass with gradients (training against a cached
-        # prefix: GRPO's shared prompts) expands it, whose backward is the cheaper one.
-        absorbed = (past_key_values is not None and past_key_values.get_seq_length(self.layer_idx) > 0
-                    and not torch.is_grad_enabled())
+        # Decoding attends over the latent cache (absorbed) where that is the fewer multiply-adds; a pass with
+        # gradients (training against a cached prefix: GRPO's shared prompts) expands it, whose backward is the
+        # cheaper one.
+        cached = past_key_values is not None and past_key_values.get_seq_length(self.layer_idx) > 0
         if past_key_values is not None:
             c_kv, k_pe = past_key_values.update(c_kv, k_pe, self.layer_idx)
+        absorbed = cached and not torch.is_grad_enabled() and self._absorbing_is_cheaper(q_len, c_kv.shape[2])
         if absorbed:
             out = self._absorbed_attention(q_nope, q_pe, c_kv, k_pe, attention_mask)
         else:
             out = self._expanded_attention(q_nope, q_pe, c_kv, k_pe, attention_mask, **kwargs)
         return self.o_proj(out.reshape(bsz, q_len, self.num_heads * self.v_head_dim))
+
+    def _absorbing_is_cheaper(self, q_len: int, kv_len: int) -> bool:
+        """Multiply-adds of both paths for ``q_len`` queries over ``kv_len`` cached positions (per sequence):
+        expanding runs kv_b_proj over the cache then attention at the head sizes; absorbing moves the queries
+        into the latent space (W_UK), attends there at width d_c and maps back (W_UV). One decoded token: absorb
+        (kv_b_proj over the whole cache is the cost); many queries against a short cache, e.g. a no-grad pass over
+        completions after a shared prompt: expand (4 heads x d_c 512 per score costs more than expanding)."""
+        h, d_c, nope, rope, v = self.num_heads, self.kv_lora_rank, self.qk_nope_head_dim, self.qk_rope_head_dim, \
+            self.v_head_dim
+        expanded = kv_len * d_c * h * (nope + v) + h * q_len * kv_len * (nope + rope + v)
+        absorbed = h * q_len * d_c * (nope + v) + h * q_len * kv_len * (2 * d_c + rope)
+        return absorbed < expanded
 
     def _expanded_attention(self, q_nope, q_pe, c_kv, k_pe, attention_mask, **kwargs):
         """Prefill / training: expand c_KV to per-head K/V once and run standard attention."""

@@ -133,10 +133,11 @@ def _takes_logits_to_keep(model) -> bool:
 
 
 def sequence_logprobs(model, prompt_ids, completion_ids, temperature: float = 1.0, batch_size: int = 64,
-                      width: int | None = None):
+                      width: int | None = None, with_entropy: bool = True):
     """Per-token log-probs of each completion given its prompt (right-padded rows): a (B, T) tensor, grad-enabled
-    when the model is; the (B, T) mask of real completion tokens; the mean token entropy; and the DeepSeekMoE balance
-    loss the model returns when it trains (None otherwise), averaged over the chunks."""
+    when the model is; the (B, T) mask of real completion tokens; the mean token entropy (None without
+    ``with_entropy``: a reference pass has no use for it); and the DeepSeekMoE balance loss the model returns when
+    it trains (None otherwise), averaged over the chunks."""
     rows = [p + c for p, c in zip(prompt_ids, completion_ids)]
     T = width or max(len(c) for c in completion_ids)
     out, entropies, aux = [], [], []
@@ -164,14 +165,16 @@ def sequence_logprobs(model, prompt_ids, completion_ids, temperature: float = 1.
             row = torch.zeros(T, device=device, dtype=token_logp.dtype)
             row[:len(c)] = token_logp[i, first:first + len(c)]
             out.append(row)
-            with torch.no_grad():
-                span = logp_all[i, first:first + len(c)]
-                entropies.append(-(span.exp() * span).sum(-1).mean())
+            if with_entropy:
+                with torch.no_grad():
+                    span = logp_all[i, first:first + len(c)]
+                    entropies.append(-(span.exp() * span).sum(-1).mean())
     mask = torch.zeros(len(completion_ids), T)
     for i, c in enumerate(completion_ids):
         mask[i, :len(c)] = 1
     balance = torch.stack(aux).mean() if aux else None
-    return torch.stack(out), mask.to(device), torch.stack(entropies).mean().item(), balance
+    entropy = torch.stack(entropies).mean().item() if with_entropy else None
+    return torch.stack(out), mask.to(device), entropy, balance
 
 
 def prompt_groups(prompt_ids: list[list[int]]) -> list[range]:
@@ -184,7 +187,8 @@ def prompt_groups(prompt_ids: list[list[int]]) -> list[range]:
     return groups
 
 
-def shared_prompt_logprobs(model, prompt_ids, completion_ids, temperature: float = 1.0, width: int | None = None):
+def shared_prompt_logprobs(model, prompt_ids, completion_ids, temperature: float = 1.0, width: int | None = None,
+                           with_entropy: bool = True):
     """``sequence_logprobs`` with each group's prompt computed once instead of once per completion: a pass over
     the groups' prompts (left-padded) fills a key/value cache with gradients, the cache is repeated for each
     group's completions, and a second pass runs only the completion tokens against it; the log-prob of a
@@ -229,12 +233,20 @@ def shared_prompt_logprobs(model, prompt_ids, completion_ids, temperature: float
     rest = model(input_ids=cids, attention_mask=torch.cat([prompt_mask.repeat_interleave(sizes, 0), mask.long()], 1),
                  position_ids=starts[:, None] + torch.arange(T, device=device), past_key_values=cache,
                  use_cache=True)
-    # position j of the completion pass predicts token j + 1; the prompt's last position predicts token 0
-    logits = torch.cat([first.logits[:, -1:].repeat_interleave(sizes, 0), rest.logits[:, :-1]], 1)
-    logp_all = torch.log_softmax(logits.float() / temperature, -1)
-    token_logp = logp_all.gather(-1, cids[..., None])[..., 0] * mask
-    with torch.no_grad():
-        entropy = (-(logp_all.exp() * logp_all).sum(-1) * mask).sum(1) / mask.sum(1).clamp(min=1)
+    # the prompt's last position predicts token 0; position j of the completion pass predicts token j + 1 (the
+    # last position predicts nothing: it is gathered at a dummy token and dropped, which costs one position of
+    # log-softmax but no copy of the (rows, T, vocab) logits, forward or backward)
+    first_logp = torch.log_softmax(first.logits[:, -1].float() / temperature, -1).repeat_interleave(sizes, 0)
+    rest_logp = torch.log_softmax(rest.logits.float() / temperature, -1)
+    targets = torch.cat([cids[:, 1:], cids[:, :1]], 1)
+    token_logp = torch.cat([first_logp.gather(-1, cids[:, :1]), rest_logp.gather(-1, targets[..., None])[:, :-1, 0]],
+                           1) * mask
+    entropy = None
+    if with_entropy:
+        with torch.no_grad():
+            per_token = torch.cat([-(first_logp.exp() * first_logp).sum(-1, keepdim=True),
+                                   -(rest_logp[:, :-1].exp() * rest_logp[:, :-1]).sum(-1)], 1)
+            entropy = ((per_token * mask).sum(1) / mask.sum(1).clamp(min=1)).mean().item()
     W = width or T
     out = torch.zeros(len(completion_ids), W, device=device, dtype=token_logp.dtype)
     out[:, :T] = token_logp
@@ -245,7 +257,7 @@ def shared_prompt_logprobs(model, prompt_ids, completion_ids, temperature: float
     aux = [(o.aux_loss, k) for o, k in ((first, len(groups)), (rest, len(completion_ids)))
            if getattr(o, "aux_loss", None) is not None]
     balance = sum(a * k for a, k in aux) / len(completion_ids) if aux else None
-    return out, out_mask, entropy.mean().item(), balance
+    return out, out_mask, entropy, balance
 
 
 def group_chunks(prompt_ids: list[list[int]], completion_ids: list[list[int]], size: int, rank: int = 0,

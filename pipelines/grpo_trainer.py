@@ -215,22 +215,22 @@ class PolicyTrainer:
         return ref
 
     # -- the update ----------------------------------------------------------------------------------------------
-    def _forward(self, model, batch: Batch, rows):
+    def _forward(self, model, batch: Batch, rows, with_entropy: bool = True):
         ids_p = [batch.prompt_ids[i] for i in rows]
         ids_c = [batch.completion_ids[i] for i in rows]
         device = next(model.parameters()).device
         width = batch.sampler_logprobs.shape[1]
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.bf16):
             if self.share_prompts:
-                return shared_prompt_logprobs(model, ids_p, ids_c, self.cfg.temperature, width=width)
-            return sequence_logprobs(model, ids_p, ids_c, self.cfg.temperature, batch_size=len(rows), width=width)
+                return shared_prompt_logprobs(model, ids_p, ids_c, self.cfg.temperature, width, with_entropy)
+            return sequence_logprobs(model, ids_p, ids_c, self.cfg.temperature, len(rows), width, with_entropy)
 
     def _scatter(self, model, batch: Batch, chunks: list[list[int]]) -> torch.Tensor:
         """Per-token log-probs of the chunks' completions under ``model`` (no grad), rows in the batch's order. An
         empty chunk (sharded: every process runs as many forwards, each an all-gather) runs row 0 and is dropped."""
         out = torch.zeros_like(batch.sampler_logprobs)
         for rows in chunks:
-            logp = self._forward(model, batch, rows or [0])[0]
+            logp = self._forward(model, batch, rows or [0], with_entropy=False)[0]
             if rows:
                 out[rows] = logp.to(out.device)
         return out
