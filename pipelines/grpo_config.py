@@ -41,6 +41,10 @@ class StageConfig:
     scale_rewards: bool = True  # divide by the group std (Dr. GRPO: false)
     dynamic_sampling: bool = True
     max_sampling_rounds: int = 3
+    # dynamic sampling's last round: its groups train whether or not they agree, so that every step trains on
+    # prompts_per_step groups (true); or groups that agree never train, as in DAPO, and a step short of groups after
+    # its last round trains on fewer (false: less training time, every trained group has a signal)
+    fill_batch: bool = True
     mini_batch_size: int = 64  # completions per forward/backward
     share_prompts: bool = True  # a group's prompt computed once in the training passes, not once per completion
     max_grad_norm: float = 1.0

@@ -137,7 +137,8 @@ class Rollout:
 
     def sample(self, generator, step: int) -> Batch:
         """Prompts for one step, G completions each, scored; with dynamic sampling, groups whose rewards all agree
-        are dropped and refilled. With several processes, each samples and scores every N-th group of a round (its
+        are dropped and refilled (in the last round too without ``fill_batch``; a step in which every group agreed
+        then trains on its last round, whose advantages are all 0). With several processes, each samples and scores every N-th group of a round (its
         seed is the prompt's, not the process's) and all of them gather every group, so each process holds the
         same global batch, advantages and metrics as one process would."""
         cfg, G, acc = self.cfg, self.cfg.num_generations, self.accelerator
@@ -164,11 +165,13 @@ class Rollout:
                     self._collect_pairs(group)
                 agree = max(group["rewards"]) - min(group["rewards"]) < 1e-9
                 group["zero_variance"] = agree
-                if agree and cfg.dynamic_sampling and round_ < rounds - 1:
+                if agree and cfg.dynamic_sampling and (round_ < rounds - 1 or not cfg.fill_batch):
                     continue  # no signal: refill with fresh prompts
                 kept.append(group)
             if len(kept) >= cfg.prompts_per_step:
                 break
+        if not kept:
+            kept = groups
         prompts = [self.source.ids[g["prompt_index"]] for g in kept for _ in range(G)]
         completions = [c for g in kept for c in g["completion_ids"]]
         T = max(map(len, completions))
@@ -190,7 +193,7 @@ class Rollout:
             "reward": sum(every) / n_sampled, "reward_kept": rewards_t.mean().item(),
             "reward_std": rewards_t.view(-1, G).std(1).mean().item(),
             "zero_variance_groups": sum(g["zero_variance"] for g in sampled) / len(sampled),
-            "sampled_groups": len(sampled),
+            "sampled_groups": len(sampled), "trained_groups": len(kept),
             "completion_length": sum(len(c) for g in sampled for c in g["completion_ids"]) / n_sampled,
             "truncated": sum(t for g in sampled for t in g["truncated"]) / n_sampled,
             "time_generation": round(t_gen, 3), "time_scoring": round(t_score, 3),

@@ -130,10 +130,23 @@ def test_grpo_raises_a_learnable_reward_and_trains_every_parameter(setup, backen
                 "time_generation", "time_scoring", "time_training", "aux_loss", "sampler_logprob_gap"):
         assert all(key in r for r in steps), key
     assert all(r["aux_loss"] > 0 for r in steps)  # the DeepSeekMoE balance loss stays on during RL
+    assert all(r["trained_groups"] == 8 for r in steps)  # fill_batch (default): the last round fills the batch
     assert result["stages"]["reasoning"]["steps"] == 10 and "math_exact_match" in result["eval"]["reasoning"]
     assert (out / "reward_curve.png").stat().st_size > 0
     if backend == "vllm":  # sampler (vLLM, synced after each update) and trainer agree on the sampled tokens
         assert max(r["sampler_logprob_gap"] for r in steps) <= 1e-5
+
+
+def test_without_fill_batch_groups_that_agree_never_train(setup):
+    """DAPO's filter: after the last sampling round, a step trains only on the groups whose rewards differ (a
+    fresh model's 4 samples all lack a digit in about 40% of the groups), so it trains on fewer than 8."""
+    out = setup / "no-fill"
+    launch(setup, "hf", out, 3, "--reasoning.fill_batch", "false", "--reasoning.max_sampling_rounds", "2")
+    steps = records(out)
+    for r in steps:
+        with_signal = round(r["sampled_groups"] * (1 - r["zero_variance_groups"]))
+        assert r["trained_groups"] == min(8, with_signal) and with_signal > 0, r
+    assert any(r["trained_groups"] < 8 for r in steps)
 
 
 def test_a_killed_run_continues_from_its_checkpoint_and_ends_where_an_uninterrupted_one_does(setup):
