@@ -244,8 +244,9 @@ def shared_prompt_logprobs(model, prompt_ids, completion_ids, temperature: float
     entropy = None
     if with_entropy:
         with torch.no_grad():
+            predicting = rest_logp[:, :-1]
             per_token = torch.cat([-(first_logp.exp() * first_logp).sum(-1, keepdim=True),
-                                   -(rest_logp[:, :-1].exp() * rest_logp[:, :-1]).sum(-1)], 1)
+                                   -(predicting.exp() * predicting).sum(-1)], 1)
             entropy = ((per_token * mask).sum(1) / mask.sum(1).clamp(min=1)).mean().item()
     W = width or T
     out = torch.zeros(len(completion_ids), W, device=device, dtype=token_logp.dtype)

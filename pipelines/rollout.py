@@ -138,9 +138,9 @@ class Rollout:
     def sample(self, generator, step: int) -> Batch:
         """Prompts for one step, G completions each, scored; with dynamic sampling, groups whose rewards all agree
         are dropped and refilled (in the last round too without ``fill_batch``; a step in which every group agreed
-        then trains on its last round, whose advantages are all 0). With several processes, each samples and scores every N-th group of a round (its
-        seed is the prompt's, not the process's) and all of them gather every group, so each process holds the
-        same global batch, advantages and metrics as one process would."""
+        then trains on its last round, whose advantages are all 0). With several processes, each samples and scores
+        every N-th group of a round (its seed is the prompt's, not the process's) and all of them gather every group,
+        so each process holds the same global batch, advantages and metrics as one process would."""
         cfg, G, acc = self.cfg, self.cfg.num_generations, self.accelerator
         sampled, kept = [], []  # groups (dicts), in the order one process would sample them
         t_gen = t_score = 0.0

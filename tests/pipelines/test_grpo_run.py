@@ -145,7 +145,7 @@ def test_without_fill_batch_groups_that_agree_never_train(setup):
     steps = records(out)
     for r in steps:
         with_signal = round(r["sampled_groups"] * (1 - r["zero_variance_groups"]))
-        assert r["trained_groups"] == min(8, with_signal) and with_signal > 0, r
+        assert r["trained_groups"] == with_signal > 0, r  # rounds refill at most 8 groups
     assert any(r["trained_groups"] < 8 for r in steps)
 
 
