@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed-$(shell sha1sum pyproject.toml | cut -c1-12)
 export TOKENIZERS_PARALLELISM ?= false
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: setup test test-fast bench data sft rm grpo eval demo chat smollm2 clean
+.PHONY: setup test test-fast bench data sft rm rm-all grpo eval demo chat smollm2 clean
 
 setup: $(STAMP)
 
@@ -40,9 +40,15 @@ sft: setup
 runs/sft/tiny/model.safetensors:
 	$(MAKE) sft
 
-# The three reward models and the process RM from the SFT checkpoint, into runs/rm/tiny/<name>.
+# The helpful and safety reward models (what make grpo and make eval score with) from the SFT checkpoint, into
+# runs/rm/tiny/<name>. rm-all: also the reasoning RM and the process RM (recipes/grpo/tiny-iterative.yaml and
+# tiny-process.yaml), all four trained again (metrics.json lists the RMs of the last run).
 rm: setup runs/sft/tiny/model.safetensors
 	$(PY) -m pipelines.reward_model --config recipes/rm/tiny.yaml
+
+rm-all: setup runs/sft/tiny/model.safetensors
+	$(PY) -m pipelines.reward_model --config recipes/rm/tiny.yaml --reward_models reasoning helpful safety \
+		--process_reward_model true
 
 runs/rm/tiny/metrics.json:
 	$(MAKE) rm

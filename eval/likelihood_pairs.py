@@ -1,6 +1,6 @@
 """The bar a reward model trained from a checkpoint should clear: how often the checkpoint's own log-likelihood
 prefers the chosen reply of a preference pair over the rejected one (sum of the reply's token log-probs), per
-domain, on the held-out pairs ``make rm`` scores (the same split: ``eval_examples`` rows, seed 0).
+domain, on the held-out pairs ``make rm``/``make rm-all`` score (the same split: ``eval_examples`` rows, seed 0).
 
     python -m eval.likelihood_pairs runs/sft/tiny --data_dir runs/data/tiny --reward_model reasoning
 """

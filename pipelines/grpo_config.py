@@ -23,7 +23,7 @@ class StageConfig:
     prompts: list[str] = field(default_factory=lambda: ["math"])  # datasets under data_dir/rl/
     rewards: list[dict] = field(default_factory=lambda: [{"name": "math_accuracy", "weight": 1.0}])
     supervision: str = "outcome"  # outcome | process (needs process_reward_model)
-    process_reward_model: str | None = None  # a process RM folder (make rm) for process supervision
+    process_reward_model: str | None = None  # a process RM folder (make rm-all) for process supervision
     max_steps: int = 100
     learning_rate: float = 1e-6
     warmup_steps: int = 0
@@ -60,7 +60,7 @@ class StageConfig:
         if self.supervision not in ("outcome", "process"):
             raise RecipeError(f"{name}.supervision={self.supervision!r}: expected outcome or process")
         if self.supervision == "process" and not self.process_reward_model:
-            raise RecipeError(f"{name}: process supervision needs process_reward_model (a folder from make rm)")
+            raise RecipeError(f"{name}: process supervision needs process_reward_model (a folder from make rm-all)")
         if self.lr_scheduler_type not in SCHEDULES:
             raise RecipeError(f"{name}.lr_scheduler_type={self.lr_scheduler_type!r}: expected one of {SCHEDULES}")
         if self.loss_aggregation not in AGGREGATIONS:

@@ -51,7 +51,7 @@ def retrain_reward_model(rollout, args, stage_dir: Path, iteration: int) -> dict
                           save_strategy="no", report_to="none", logging_steps=10, seed=args.seed,
                           use_cpu=not torch.cuda.is_available(), disable_tqdm=True)
     # the reward model goes on with the objective it was trained with: Bradley-Terry on its score head, or
-    # SimPO's loss for an implicit reward model (make rm's objective: simpo; its beta is in its config)
+    # SimPO's loss for an implicit reward model (make rm-all's reasoning RM objective: simpo; its beta is in its config)
     beta = getattr(AutoConfig.from_pretrained(spec["path"]), IMPLICIT_REWARD_BETA, None)
     if beta is None:
         model = load_sequence_classifier(spec["path"], "float32", args.trust_remote_code, tokenizer)

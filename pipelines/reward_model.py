@@ -243,6 +243,8 @@ def main(argv=None):
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     warn_if_bf16_is_emulated(config.bf16)
     set_seed(config.seed)
+    for name in args.per_model or {}:  # a typo fails now, before any training, also for an RM this run leaves out
+        for_model(name, args, config)
     start = time.perf_counter()
     # 2. tokenizer: the SFT checkpoint's, or the data build's
     tokenizer = load_tokenizer(args.init_from or Path(args.data_dir) / "tokenizer", config.chat_template_path,

@@ -1,7 +1,7 @@
 """Rewards from trained models (§4.2): an outcome reward model scores whole replies, a process reward model
 scores each step of a reasoning chain (process supervision, DeepSeekMath §4.1.3).
 
-An outcome RM is one of two kinds of checkpoint (``make rm`` trains both):
+An outcome RM is one of two kinds of checkpoint (``make rm-all`` trains both):
   * a classifier, ``DeepseekV2ForSequenceClassification`` (Bradley-Terry or point-wise): the score head at the
     reply's last token;
   * an implicit reward model, a causal LM trained with SimPO's loss (``objective: simpo``; its config carries
@@ -88,7 +88,8 @@ class _Scorer:
         model, _ = self._load()
         if self.beta is not None:
             raise ValueError(f"{self.path} is an implicit reward model (a causal LM); per-token scores need a "
-                             "classifier checkpoint (make rm's pairwise or pointwise objective, or its process RM)")
+                             "classifier checkpoint (make rm's pairwise or pointwise objective, or make rm-all's "
+                             "process RM)")
         out = []
         for start, ids, mask in self._batches(sequences):
             hidden = model.model(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state

@@ -1,4 +1,4 @@
-"""make rm in miniature: three outcome RMs and the process RM train, save, load by path and are scored."""
+"""make rm-all in miniature: three outcome RMs and the process RM train, save, load by path and are scored."""
 
 import json
 
@@ -73,14 +73,14 @@ def held_out_step_accuracy(model, solutions) -> float:
 @pytest.mark.parametrize("objective", ["pairwise", "pointwise", "simpo"])
 def test_reward_models_train_and_load_by_path(data_dir, objective):
     out = data_dir / objective
-    # pairwise: the recipe as make rm runs it, its reasoning RM an implicit one (per_model); the other objectives:
-    # one reward model is enough to show that they work
+    # pairwise: the recipe as make rm-all runs it, its reasoning RM an implicit one (per_model); the other
+    # objectives: one reward model is enough to show that they work
     alone = ["--reward_models", "safety", "--objective", objective, "--num_train_epochs", "3", "--per_model", "null"]
+    every = ["--reward_models", "reasoning", "helpful", "safety", "--process_reward_model", "true"]
     metrics = main(["--config", "recipes/rm/tiny.yaml", "--data_dir", str(data_dir / "data"), "--init_from", "",
                     "--output_dir", str(out), "--eval_examples", "40", "--report_to", "none",
                     "--learning_rate", "1e-3", "--per_device_train_batch_size", "16", "--bf16", "false",
-                    "--process_reward_model", str(objective == "pairwise"),
-                    *(alone if objective != "pairwise" else [])])
+                    *(every if objective == "pairwise" else alone)])
     saved = json.loads((out / "metrics.json").read_text())
     names = ["reasoning", "helpful", "safety"] if objective == "pairwise" else ["safety"]
     assert set(saved) >= {*names, "wall_seconds"}
