@@ -52,6 +52,12 @@ class _Scorer:
 
     def _load(self):
         if self._model is None:
+            # a hub id is `name` or `namespace/name`; a longer or explicit path is a local folder (transformers
+            # would call a missing one a malformed repo id)
+            if not Path(self.path).exists() and (self.path.count("/") > 1 or self.path.startswith((".", "/", "~"))):
+                raise FileNotFoundError(f"{self.path}: no reward model there. Train it first (the tiny default's: "
+                                        "make rm for helpful and safety, make rm-all for reasoning and process too; "
+                                        "any recipe: python -m pipelines.reward_model --config RECIPE) or fix the path")
             from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification,
                                       AutoTokenizer)
 

@@ -82,6 +82,14 @@ def test_per_step_scores_need_a_classifier(implicit_checkpoint):
         ProcessRewardScorer(implicit_checkpoint[0]).step_scores([TEXTS[0]], [TEXTS[1]])
 
 
+def test_a_missing_reward_model_folder_is_named_with_the_command_that_trains_it(tmp_path):
+    missing = tmp_path / "rm" / "tiny" / "process"
+    with pytest.raises(FileNotFoundError, match=r"rm/tiny/process: no reward model there.*make rm-all"):
+        RewardModelScorer(missing)(prompts=["What is 2 + 3?"], completions=["5"])
+    with pytest.raises(FileNotFoundError, match=r"rm/tiny/process: no reward model there.*make rm-all"):
+        ProcessRewardScorer(missing).step_scores(["What is 2 + 3?"], ["2 + 3 = 5. The answer is 5."])
+
+
 def test_scorers_pickle_without_weights(checkpoint):
     scorer = RewardModelScorer(checkpoint[0])
     scorer(prompts=[TEXTS[0]], completions=["14"])
