@@ -28,6 +28,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceC
 
 import modeling  # noqa: F401  (registers our DeepSeek-V2 with the Auto classes)
 from data_prep.tokenizer import CHAT_TEMPLATE as DEEPSEEK_TEMPLATE
+from rewards.model import is_local_path
 
 logger = logging.getLogger("models")
 
@@ -46,14 +47,10 @@ class ModelLoadError(ValueError):
     """A checkpoint or tokenizer that cannot be used as asked; the message names the folder and the fix."""
 
 
-def _is_local(path) -> bool:
-    return Path(path).exists() or str(path).startswith((".", "/"))
-
-
 def _config(path, trust_remote_code: bool, what: str):
     """The checkpoint's config, after checking that ``path`` is a model folder (or a hub id)."""
     folder = Path(path)
-    if _is_local(path):
+    if is_local_path(path):
         if not folder.is_dir():
             raise ModelLoadError(f"{what} {path}: no such folder (make sft writes runs/sft/tiny; make smollm2 writes "
                                  "runs/models/smollm2-135m-instruct)")

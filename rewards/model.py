@@ -23,6 +23,13 @@ DEFAULT_BATCH_SIZE = 32
 IMPLICIT_REWARD_BETA = "implicit_reward_beta"  # config key that makes a causal LM checkpoint an implicit reward model
 
 
+def is_local_path(path) -> bool:
+    """Whether ``path`` names a local folder rather than a hub id: it exists, starts with ``.``, ``/`` or ``~``, or
+    has more parts than a hub id's ``namespace/name`` (``runs/rm/tiny/helpful``)."""
+    text = str(path)
+    return Path(text).exists() or text.startswith((".", "/", "~")) or text.count("/") > 1
+
+
 def _as_messages(prompt) -> list[dict]:
     return [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
 
@@ -52,9 +59,7 @@ class _Scorer:
 
     def _load(self):
         if self._model is None:
-            # a hub id is `name` or `namespace/name`; a longer or explicit path is a local folder (transformers
-            # would call a missing one a malformed repo id)
-            if not Path(self.path).exists() and (self.path.count("/") > 1 or self.path.startswith((".", "/", "~"))):
+            if is_local_path(self.path) and not Path(self.path).exists():  # else transformers: "malformed repo id"
                 raise FileNotFoundError(f"{self.path}: no reward model there. Train it first (the tiny default's: "
                                         "make rm for helpful and safety, make rm-all for reasoning and process too; "
                                         "any recipe: python -m pipelines.reward_model --config RECIPE) or fix the path")

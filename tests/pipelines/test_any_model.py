@@ -301,6 +301,9 @@ def test_bad_folders_say_what_is_wrong_and_the_fix(qwen2, tmp_path):
     empty.mkdir()
     with pytest.raises(ModelLoadError, match=rf"{empty}: not a model folder \(no config.json\).*import_gguf"):
         load_causal_lm(empty)
+    # a relative folder that is not there yet (make sft not run), not mistaken for a hub id
+    with pytest.raises(ModelLoadError, match=r"runs/sft/never-trained: no such folder \(make sft writes"):
+        load_causal_lm("runs/sft/never-trained")
 
     classifier = tmp_path / "rm"
     Qwen2ForSequenceClassification.from_pretrained(qwen2, num_labels=1).save_pretrained(classifier)
