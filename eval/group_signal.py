@@ -1,6 +1,7 @@
 """Where GRPO's gradient comes from: for each difficulty level of the held-out math set, the share of problems whose
 G sampled replies disagree under a reward (a group that agrees gets zero advantage: no signal), the share all right,
-all wrong, and the mean pass rate. This is what chose the levels of GRPO's math prompts (recipes/data/tiny.yaml).
+all wrong, and the mean pass rate; then the share with some right reply over the held-out set's level mix (greedy
+EM's ceiling if RL only sharpens). This is what chose the levels of GRPO's math prompts (recipes/data/tiny.yaml).
 
     python -m eval.group_signal runs/sft/tiny --data_dir runs/data/tiny --per_level 80 --group 8 --temperature 0.6
 
@@ -58,6 +59,24 @@ def group_signal(checkpoint: str, data_dir: str, per_level: int = 80, group: int
     return out
 
 
+def level_counts(data_dir: str) -> dict[str, int]:
+    """How many problems of each level the whole held-out math set holds."""
+    counts: dict[str, int] = defaultdict(int)
+    for row_id in load_from_disk(str(Path(data_dir) / "heldout" / "math"))["id"]:
+        level = LEVEL.search(row_id)
+        if level:
+            counts[f"L{level.group(1)}"] += 1
+    return dict(counts)
+
+
+def pass_at_group(result: dict[str, dict], counts: dict[str, int]) -> float:
+    """The share of held-out problems with at least one right reply among the G sampled, each level weighted by its
+    count in the whole held-out set: what greedy EM would be if RL made every such problem right, so this minus the
+    checkpoint's greedy EM is the most that sharpening (GRPO's gain without new solutions) can add."""
+    total = sum(counts[level] for level in result)
+    return sum(counts[level] * (1 - m["all_wrong"]) for level, m in result.items()) / total
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("checkpoint")
@@ -74,6 +93,8 @@ def main(argv=None) -> dict:
     for level, m in result.items():
         print(f"{level}: {m['problems']} problems, signal {m['signal']:.2f}, all right {m['all_right']:.2f}, "
               f"all wrong {m['all_wrong']:.2f}, pass rate {m['pass_rate']:.2f}")
+    print(f"some right reply among {a.group}, over the held-out set's level mix: "
+          f"{100 * pass_at_group(result, level_counts(a.data_dir)):.1f}% (the ceiling of greedy EM for sharpening)")
     print(json.dumps(result))
     return result
 

@@ -378,6 +378,14 @@ def test_group_signal_splits_each_level_into_groups_that_agree_and_groups_that_d
     assert list(result) == sorted(counts)
 
 
+def test_the_sharpening_ceiling_weights_each_level_by_its_share_of_the_held_out_set():
+    from eval.group_signal import pass_at_group
+
+    result = {"L1": {"all_wrong": 0.0}, "L2": {"all_wrong": 0.5}, "L3": {"all_wrong": 1.0}}
+    # 100 easy problems always solvable, 300 half, 600 never: 0.1 + 0.15 + 0 (an unweighted mean would say 0.5)
+    assert pass_at_group(result, {"L1": 100, "L2": 300, "L3": 600}) == pytest.approx(0.25)
+
+
 def test_likelihood_pairs_reports_the_checkpoints_own_preference_per_domain(setup):
     from eval.likelihood_pairs import likelihood_pairs
 
