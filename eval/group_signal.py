@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 
 from datasets import load_from_disk
@@ -20,6 +20,11 @@ from datasets import load_from_disk
 import rewards
 
 from pipelines.quick_eval import LEVEL
+
+
+def _levels(ids) -> list[tuple[int, str]]:
+    """(row, "L<n>") for each held-out row id that names a level."""
+    return [(i, f"L{m.group(1)}") for i, m in enumerate(map(LEVEL.search, ids)) if m]
 
 
 def group_signal(checkpoint: str, data_dir: str, per_level: int = 80, group: int = 8, temperature: float = 0.6,
@@ -30,10 +35,9 @@ def group_signal(checkpoint: str, data_dir: str, per_level: int = 80, group: int
 
     data = load_from_disk(str(Path(data_dir) / "heldout" / "math"))
     by_level: dict[str, list[int]] = defaultdict(list)
-    for i, row_id in enumerate(data["id"]):
-        level = LEVEL.search(row_id)
-        if level and len(by_level[f"L{level.group(1)}"]) < per_level:
-            by_level[f"L{level.group(1)}"].append(i)
+    for i, level in _levels(data["id"]):
+        if len(by_level[level]) < per_level:
+            by_level[level].append(i)
     if not by_level:
         raise ValueError(f"{data_dir}/heldout/math: no row id names a level (expected ids like heldout/math/L3/0)")
     levels = sorted(by_level)
@@ -61,12 +65,8 @@ def group_signal(checkpoint: str, data_dir: str, per_level: int = 80, group: int
 
 def level_counts(data_dir: str) -> dict[str, int]:
     """How many problems of each level the whole held-out math set holds."""
-    counts: dict[str, int] = defaultdict(int)
-    for row_id in load_from_disk(str(Path(data_dir) / "heldout" / "math"))["id"]:
-        level = LEVEL.search(row_id)
-        if level:
-            counts[f"L{level.group(1)}"] += 1
-    return dict(counts)
+    ids = load_from_disk(str(Path(data_dir) / "heldout" / "math"))["id"]
+    return dict(Counter(level for _, level in _levels(ids)))
 
 
 def pass_at_group(result: dict[str, dict], counts: dict[str, int]) -> float:
@@ -93,8 +93,10 @@ def main(argv=None) -> dict:
     for level, m in result.items():
         print(f"{level}: {m['problems']} problems, signal {m['signal']:.2f}, all right {m['all_right']:.2f}, "
               f"all wrong {m['all_wrong']:.2f}, pass rate {m['pass_rate']:.2f}")
-    print(f"some right reply among {a.group}, over the held-out set's level mix: "
-          f"{100 * pass_at_group(result, level_counts(a.data_dir)):.1f}% (the ceiling of greedy EM for sharpening)")
+    counts = level_counts(a.data_dir)
+    print(f"some right reply among {a.group}, over the held-out set's level mix "
+          f"({', '.join(f'{level} {counts[level]}' for level in result)}): "
+          f"{100 * pass_at_group(result, counts):.1f}% (the ceiling of greedy EM for sharpening)")
     print(json.dumps(result))
     return result
 
