@@ -19,12 +19,12 @@ from datasets import load_from_disk
 
 import rewards
 
-from pipelines.quick_eval import LEVEL
+from pipelines.quick_eval import level_of
 
 
 def _levels(ids) -> list[tuple[int, str]]:
     """(row, "L<n>") for each held-out row id that names a level."""
-    return [(i, f"L{m.group(1)}") for i, m in enumerate(map(LEVEL.search, ids)) if m]
+    return [(i, level) for i, level in enumerate(map(level_of, ids)) if level]
 
 
 def group_signal(checkpoint: str, data_dir: str, per_level: int = 80, group: int = 8, temperature: float = 0.6,

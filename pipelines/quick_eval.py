@@ -39,6 +39,14 @@ from .generation import HFGenerator, SamplingSettings
 logger = logging.getLogger("quick_eval")
 TRAINED_MATH_FORMAT = re.compile(r"(?:^|\s)The answer is -?\d+\.$")  # how every generated solution ends
 LEVEL = re.compile(r"/L(\d+)/")  # generated math ids carry their difficulty: heldout/math/L3/17
+
+
+def level_of(row_id: str | None) -> str | None:
+    """The difficulty level a generated math row id names (heldout/math/L3/17 -> "L3"), or None."""
+    match = LEVEL.search(row_id or "")
+    return f"L{match.group(1)}" if match else None
+
+
 CACHE_ENV = "DSV2_EVAL_CACHE"
 
 
@@ -49,9 +57,9 @@ def score_math(rows, replies: list[str]) -> tuple[dict, list[float]]:
     metrics = {"exact_match": sum(correct) / len(correct), "n": len(correct)}
     levels: dict[str, list[float]] = {}
     for row_id, c in zip(rows["id"], correct):
-        level = LEVEL.search(row_id or "")
+        level = level_of(row_id)
         if level:
-            levels.setdefault(f"L{level.group(1)}", []).append(c)
+            levels.setdefault(level, []).append(c)
     for level, values in sorted(levels.items()):
         metrics[f"exact_match_{level}"] = sum(values) / len(values)
     return metrics, correct
